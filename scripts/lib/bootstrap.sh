@@ -1,0 +1,93 @@
+# shellcheck shell=bash
+# Bring a fresh Debian 12 host to the point where velocityfs can be run and tested.
+#
+# Sourced by scripts/test and scripts/run so both start from the same known state.
+# Idempotent: a second run installs nothing, rebuilds nothing, mounts nothing.
+# Leaves the caller in the repository top and sets TOP to its absolute path.
+
+# The repository top is derived from this file's own path, so callers may run from any cwd.
+TOP="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export TOP
+cd "$TOP"
+
+VELOCITYFS_DEB_PACKAGES=(
+    fuse3 libfuse3-dev pkg-config postgresql rsync mergerfs qemu-utils attr util-linux
+)
+
+_vfs_log() { echo "bootstrap: $*" >&2; }
+_vfs_die() { echo "bootstrap: ERROR: $*" >&2; return 1; }
+
+# Run a command as root: directly when we are root, through sudo otherwise.
+_vfs_as_root() {
+    if [[ $(id -u) -eq 0 ]]; then
+        "$@"
+    else
+        sudo "$@"
+    fi
+}
+
+# Install the Debian packages the daemon and tests need, but only the missing ones,
+# so that the common case (everything present) never touches the network.
+_vfs_ensure_debs() {
+    local pkg missing=()
+    for pkg in "${VELOCITYFS_DEB_PACKAGES[@]}"; do
+        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+            missing+=("$pkg")
+        fi
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    _vfs_log "installing missing Debian packages: ${missing[*]}"
+    _vfs_as_root apt-get update || _vfs_die "apt-get update failed" || return 1
+    _vfs_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}" \
+        || _vfs_die "apt-get install ${missing[*]} failed" || return 1
+}
+
+# Keep .venv in step with pyproject.toml: (re)install when the venv is new or the
+# project metadata changed since the last successful install (tracked by a stamp).
+_vfs_ensure_venv() {
+    local stamp="$TOP/.venv/.velocityfs-installed"
+    if [[ ! -x "$TOP/.venv/bin/python" ]]; then
+        _vfs_log "creating virtualenv in $TOP/.venv"
+        rm -rf "$TOP/.venv"
+        python3 -m venv "$TOP/.venv" || _vfs_die "python3 -m venv failed" || return 1
+        rm -f "$stamp"
+    fi
+    if [[ ! -e "$stamp" || "$TOP/pyproject.toml" -nt "$stamp" ]]; then
+        _vfs_log "installing velocityfs into .venv (pip install -e '.[test]')"
+        "$TOP/.venv/bin/python" -m pip install --disable-pip-version-check -q -e "$TOP[test]" \
+            || _vfs_die "pip install -e '.[test]' failed" || return 1
+        touch "$stamp"
+    fi
+}
+
+# FUSE needs /dev/fuse; the test watchdog needs fusectl to abort a hung connection.
+_vfs_ensure_fuse() {
+    if [[ ! -c /dev/fuse && $(id -u) -eq 0 ]]; then
+        # Containers sometimes lack the node although the kernel has FUSE; try once.
+        modprobe fuse 2>/dev/null || true
+        [[ -e /dev/fuse ]] || mknod -m 0666 /dev/fuse c 10 229 2>/dev/null || true
+    fi
+    if [[ ! -c /dev/fuse ]]; then
+        _vfs_die "/dev/fuse is missing or not a character device: this host (or container)" \
+            "cannot run FUSE. Load the fuse module, or start the container with" \
+            "--device /dev/fuse --cap-add SYS_ADMIN." || return 1
+    fi
+    local ctl=/sys/fs/fuse/connections
+    if mountpoint -q "$ctl" 2>/dev/null; then
+        return 0
+    fi
+    if [[ $(id -u) -eq 0 ]]; then
+        [[ -d $ctl ]] || modprobe fuse 2>/dev/null || true
+        mount -t fusectl none "$ctl" \
+            || _vfs_die "could not mount fusectl on $ctl; the test watchdog needs it to" \
+                "abort hung FUSE mounts" || return 1
+    else
+        _vfs_log "WARNING: fusectl is not mounted on $ctl and we are not root;" \
+            "hung test mounts cannot be aborted, only killed" \
+            "(fix: sudo mount -t fusectl none $ctl)"
+    fi
+}
+
+_vfs_ensure_debs || return 1
+_vfs_ensure_venv || return 1
+_vfs_ensure_fuse || return 1

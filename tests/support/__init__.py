@@ -1,0 +1,1 @@
+"""Helpers shared by the test suite (imported by tests/conftest.py)."""

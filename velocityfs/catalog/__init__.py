@@ -1,0 +1,1 @@
+"""Storage code that touches SQL: models, engine setup, schema migrations."""

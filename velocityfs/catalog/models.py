@@ -1,0 +1,184 @@
+"""SQLAlchemy models of the catalog.
+
+Sizes are bytes and times are nanoseconds since the epoch, both as 64-bit
+integers, so that the filesystem can hand them to the kernel unchanged.
+IDs are UUID strings, as in Velocity.
+"""
+
+import uuid
+
+from sqlalchemy import (
+    BigInteger,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+DEFAULT_VOLUME = "DEFAULT"
+
+
+def new_id() -> str:
+    """A fresh UUID string for a pool, media, user, group, grant or authkey."""
+    return str(uuid.uuid4())
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every catalog table."""
+
+
+class Volume(Base):
+    """A backing volume: DEFAULT is the store's top, NAME lives at TOP/vol/NAME."""
+
+    __tablename__ = "volumes"
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    created_ns: Mapped[int] = mapped_column(BigInteger)
+
+
+class Pool(Base):
+    """A storage pool; ``used_bytes`` is the maintained usage of its subtree.
+
+    ``quota_bytes`` is NULL for a subpool that inherits its parent's limit.
+    ``used_bytes`` counts settled media sizes plus outstanding grants in the
+    subtree, and is kept current by the ledger so that a quota check costs
+    O(depth) instead of a scan.
+    """
+
+    __tablename__ = "pools"
+    __table_args__ = (
+        UniqueConstraint("parent_id", "name", name="uq_pool_parent_name"),
+        Index(
+            "uq_root_pool_name",
+            "name",
+            unique=True,
+            sqlite_where=text("parent_id IS NULL"),
+            postgresql_where=text("parent_id IS NULL"),
+        ),
+    )
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    parent_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("pools.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(255))
+    quota_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    used_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    mode: Mapped[int] = mapped_column(Integer, default=0o755)
+    uid: Mapped[int] = mapped_column(Integer, default=0)
+    gid: Mapped[int] = mapped_column(Integer, default=0)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    ctime_ns: Mapped[int] = mapped_column(BigInteger)
+
+
+class Media(Base):
+    """A disk image or ISO in a pool; its bytes live in a backing file named by id."""
+
+    __tablename__ = "media"
+    __table_args__ = (UniqueConstraint("pool_id", "name", name="uq_media_pool_name"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    pool_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("pools.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    volume: Mapped[str] = mapped_column(
+        String(255), ForeignKey("volumes.name"), default=DEFAULT_VOLUME
+    )
+    mode: Mapped[int] = mapped_column(Integer, default=0o644)
+    uid: Mapped[int] = mapped_column(Integer, default=0)
+    gid: Mapped[int] = mapped_column(Integer, default=0)
+    atime_ns: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    ctime_ns: Mapped[int] = mapped_column(BigInteger)
+
+
+class XAttr(Base):
+    """A user extended attribute of a pool or media (``cp -a``/``rsync -X`` copy them)."""
+
+    __tablename__ = "xattrs"
+    owner_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Holder(Base):
+    """A process that may hold grants: a mount daemon or an API server."""
+
+    __tablename__ = "holders"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_ns: Mapped[int] = mapped_column(BigInteger)
+    heartbeat_ns: Mapped[int] = mapped_column(BigInteger)
+
+
+class Grant(Base):
+    """Room reserved in a pool (and charged to every ancestor) but not yet written."""
+
+    __tablename__ = "grants"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    pool_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("pools.id", ondelete="CASCADE"), index=True
+    )
+    media_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    holder_id: Mapped[str] = mapped_column(String(36), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_ns: Mapped[int] = mapped_column(BigInteger)
+
+
+class User(Base):
+    """An account that can authenticate to the API."""
+
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    password_hash: Mapped[str] = mapped_column(Text)
+
+
+class Group(Base):
+    """A set of users that pools are shared with."""
+
+    __tablename__ = "groups"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+
+
+class Membership(Base):
+    """A user belongs to a group."""
+
+    __tablename__ = "memberships"
+    user_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    group_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("groups.id", ondelete="CASCADE"), primary_key=True
+    )
+
+
+class Share(Base):
+    """A pool shared with a group, with a set of permissions for its whole subtree."""
+
+    __tablename__ = "shares"
+    pool_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("pools.id", ondelete="CASCADE"), primary_key=True
+    )
+    group_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("groups.id", ondelete="CASCADE"), primary_key=True
+    )
+    permissions: Mapped[str] = mapped_column(Text)
+
+
+class AuthKey(Base):
+    """An API session key; only its SHA-256 is stored."""
+
+    __tablename__ = "authkeys"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    expires_ns: Mapped[int] = mapped_column(BigInteger)

@@ -1,0 +1,22 @@
+"""Create or upgrade a catalog to the newest Alembic revision."""
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def alembic_config(engine: Engine) -> Config:
+    """An Alembic config bound to ``engine`` without an alembic.ini on disk."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["engine"] = engine
+    return config
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the schema to head; harmless when it already is."""
+    command.upgrade(alembic_config(engine), "head")

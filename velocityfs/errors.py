@@ -1,0 +1,57 @@
+"""Domain errors raised by the service layer.
+
+Each adapter maps these to its own protocol (errno for FUSE, HTTP status for
+the shim, exit code and message for the CLI); the service never speaks either.
+"""
+
+
+class VelocityError(Exception):
+    """Base of every refusal the service layer can give."""
+
+
+class NotFound(VelocityError):
+    """A pool, media, user, group or authkey does not exist."""
+
+
+class Conflict(VelocityError):
+    """A name is already taken in that namespace."""
+
+
+class InvalidName(VelocityError):
+    """A pool, media or account name breaks the naming rules."""
+
+
+class NameTooLong(InvalidName):
+    """A name is longer than 255 bytes (ENAMETOOLONG in the mount)."""
+
+
+class InvalidValue(VelocityError):
+    """A numeric or enumerated argument is out of its range."""
+
+
+class QuotaExceeded(VelocityError):
+    """Usage would pass the quota of the pool or of an ancestor."""
+
+
+class QuotaAboveAncestor(VelocityError):
+    """A pool's quota would exceed an ancestor's quota (the API's 406)."""
+
+
+class QuotaBelowUsage(VelocityError):
+    """A quota would drop below what the pool already uses."""
+
+
+class NotEmpty(VelocityError):
+    """A pool still has subpools or media."""
+
+
+class PermissionDenied(VelocityError):
+    """The caller lacks the permission the operation needs."""
+
+
+class AuthenticationFailed(VelocityError):
+    """Unknown user, wrong password, or an unknown or expired authkey."""
+
+
+class NotSupported(VelocityError):
+    """The operation does not exist in this model (hard links, symlinks, devices)."""

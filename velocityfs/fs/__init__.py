@@ -1,0 +1,1 @@
+"""The FUSE adapter: pools as directories, media as files, on pyfuse3 and trio."""

@@ -1,0 +1,102 @@
+"""Run the mount: init pyfuse3, serve in one trio loop, unmount cleanly on signals."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from velocityfs.fs.operations import VelocityOperations
+from velocityfs.service.velocity import Velocity
+
+log = logging.getLogger(__name__)
+
+READ_AHEAD_KB = 1024
+
+
+def mount_options(*, allow_other: bool, default_permissions: bool) -> set[str]:
+    options = {"fsname=velocityfs", "subtype=velocityfs"}
+    if allow_other:
+        options.add("allow_other")
+    if default_permissions:
+        options.add("default_permissions")
+    return options
+
+
+def raise_read_ahead(mountpoint: str) -> None:
+    """Ask the kernel for 1 MiB reads (it sends 128 KiB by default); ~1.6x faster here."""
+    dev = os.stat(mountpoint).st_dev
+    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    try:
+        path.write_text(str(READ_AHEAD_KB))
+    except OSError as exc:
+        log.info("could not raise read-ahead (%s); reads stay at 128 KiB", exc)
+
+
+async def _serve(
+    ops: VelocityOperations,
+    mountpoint: str,
+    extra: Callable[[trio.Nursery], Awaitable[None]] | None,
+) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    log.info("signal received: unmounting")
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(watch_signals)
+        if extra is not None:
+            await extra(nursery)
+
+        async def announce() -> None:
+            await trio.to_thread.run_sync(raise_read_ahead, mountpoint)
+            print(f"velocityfs: mounted {mountpoint}", file=sys.stderr, flush=True)
+
+        nursery.start_soon(announce)
+        await pyfuse3.main()
+        await ops.settle_all()
+        nursery.cancel_scope.cancel()
+
+
+def run_mount(
+    velocity: Velocity,
+    mountpoint: str,
+    *,
+    allow_other: bool = False,
+    default_permissions: bool = False,
+    attr_timeout: float = 1.0,
+    extra: Callable[[trio.Nursery], Awaitable[None]] | None = None,
+) -> None:
+    """Mount and serve until unmounted or signalled; grants are settled on the way out."""
+    velocity.require_initialised()
+    reclaimed = velocity.reclaim_dead_holders()
+    if reclaimed:
+        log.warning("reclaimed %d grant(s) left by a crashed process", reclaimed)
+    holder = velocity.ledger.register_holder()
+    ops = VelocityOperations(
+        velocity,
+        holder,
+        attr_timeout=attr_timeout,
+        sql_threads=1 if velocity.db.is_sqlite else 4,
+    )
+    ops.load()
+    pyfuse3.init(
+        ops,
+        mountpoint,
+        mount_options(allow_other=allow_other, default_permissions=default_permissions),
+    )
+    try:
+        trio.run(_serve, ops, mountpoint, extra)
+    finally:
+        pyfuse3.close(unmount=True)
+        velocity.ledger.retire_holder(holder)
+        velocity.close()

@@ -1,0 +1,183 @@
+"""The mount's in-memory mirror of the catalog.
+
+Lookups, getattr, readdir, read and write are answered from these nodes
+without SQL; every change goes through the service first and is mirrored
+here only once it has committed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+import trio
+
+from velocityfs.service.views import MediaView, PoolView
+
+
+@dataclass(eq=False)
+class Node:
+    """Anything with an inode number and a name in a directory."""
+
+    ino: int
+    name: str
+    parent: DirNode | None
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    ctime_ns: int
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def is_dir(self) -> bool:
+        return False
+
+
+@dataclass(eq=False)
+class DirNode(Node):
+    """The mount root (pool_id None) or a pool."""
+
+    pool_id: str | None = None
+    children: dict[str, Node] = field(default_factory=dict)
+
+    @property
+    def is_dir(self) -> bool:
+        return True
+
+    @property
+    def is_root(self) -> bool:
+        return self.pool_id is None
+
+    def st_mode(self) -> int:
+        return stat.S_IFDIR | self.mode
+
+    def update(self, view: PoolView) -> None:
+        self.name = view.name
+        self.mode, self.uid, self.gid = view.mode, view.uid, view.gid
+        self.mtime_ns, self.ctime_ns = view.mtime_ns, view.ctime_ns
+
+
+@dataclass(eq=False)
+class MediaNode(Node):
+    """A media file and the state of writers on it.
+
+    ``settled`` is the size the catalog records; ``charged`` is what the
+    ledger charges for it on behalf of this mount (settled size plus our
+    grant). Writes up to ``charged`` need no SQL; ``size`` never exceeds it.
+    """
+
+    media_id: str = ""
+    volume: str = ""
+    backing_path: str = ""
+    size: int = 0
+    settled: int = 0
+    charged: int = 0
+    atime_ns: int = 0
+    open_count: int = 0
+    dirty: bool = False
+    deleted: bool = False
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def st_mode(self) -> int:
+        return stat.S_IFREG | self.mode
+
+    @property
+    def granted(self) -> int:
+        return self.charged - self.settled
+
+    def update(self, view: MediaView) -> None:
+        """Take the catalog's view, keeping local write state of an open file."""
+        self.name = view.name
+        self.mode, self.uid, self.gid = view.mode, view.uid, view.gid
+        self.atime_ns, self.mtime_ns, self.ctime_ns = view.atime_ns, view.mtime_ns, view.ctime_ns
+        self.volume, self.backing_path = view.volume, view.backing_path
+        if self.open_count == 0:
+            self.size = self.settled = self.charged = view.size
+
+
+class Inodes:
+    """Inode numbers handed to the kernel, never reused within one mount."""
+
+    def __init__(self, root: DirNode) -> None:
+        self.by_ino: dict[int, Node] = {root.ino: root}
+        self.by_pool: dict[str, DirNode] = {}
+        self.by_media: dict[str, MediaNode] = {}
+        self._next = root.ino + 1
+        self.root = root
+
+    def next_ino(self) -> int:
+        ino = self._next
+        self._next += 1
+        return ino
+
+    def add_pool(self, parent: DirNode, view: PoolView, xattrs: dict[str, bytes]) -> DirNode:
+        node = DirNode(
+            ino=self.next_ino(),
+            name=view.name,
+            parent=parent,
+            mode=view.mode,
+            uid=view.uid,
+            gid=view.gid,
+            mtime_ns=view.mtime_ns,
+            ctime_ns=view.ctime_ns,
+            xattrs=dict(xattrs),
+            pool_id=view.id,
+        )
+        parent.children[node.name] = node
+        self.by_ino[node.ino] = node
+        self.by_pool[view.id] = node
+        return node
+
+    def add_media(self, parent: DirNode, view: MediaView) -> MediaNode:
+        node = MediaNode(
+            ino=self.next_ino(),
+            name=view.name,
+            parent=parent,
+            mode=view.mode,
+            uid=view.uid,
+            gid=view.gid,
+            mtime_ns=view.mtime_ns,
+            ctime_ns=view.ctime_ns,
+            xattrs=dict(view.xattrs),
+            media_id=view.id,
+            volume=view.volume,
+            backing_path=view.backing_path,
+            size=view.size,
+            settled=view.size,
+            charged=view.size,
+            atime_ns=view.atime_ns,
+        )
+        parent.children[node.name] = node
+        self.by_ino[node.ino] = node
+        self.by_media[view.id] = node
+        return node
+
+    def detach(self, node: Node) -> None:
+        """Take a node out of its directory; keep its inode while a handle is open."""
+        if node.parent is not None and node.parent.children.get(node.name) is node:
+            del node.parent.children[node.name]
+        if isinstance(node, MediaNode):
+            node.deleted = True
+            self.by_media.pop(node.media_id, None)
+            if node.open_count == 0:
+                self.by_ino.pop(node.ino, None)
+        elif isinstance(node, DirNode):
+            self.by_pool.pop(node.pool_id or "", None)
+            self.by_ino.pop(node.ino, None)
+
+    def move(self, node: Node, new_parent: DirNode, new_name: str) -> None:
+        if node.parent is not None and node.parent.children.get(node.name) is node:
+            del node.parent.children[node.name]
+        node.parent = new_parent
+        node.name = new_name
+        new_parent.children[new_name] = node
+
+
+def blocks_of(node: MediaNode) -> int:
+    """512-byte blocks really allocated on the backing volume (sparse files show small)."""
+    try:
+        return os.stat(node.backing_path).st_blocks
+    except OSError:
+        return (node.size + 511) // 512

@@ -1,0 +1,610 @@
+"""pyfuse3 operations: translate kernel requests into service calls and back.
+
+Hot paths (lookup, getattr, readdir, read, write within a grant) are served
+from the in-memory nodes; everything that changes the catalog runs the
+service in a worker thread (one at a time, which SQLite prefers) so a slow
+transaction never stalls the trio loop that serves FUSE and HTTP.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from velocityfs.errors import QuotaExceeded, VelocityError
+from velocityfs.fs.errno_map import errno_of
+from velocityfs.fs.nodes import DirNode, Inodes, MediaNode, Node, blocks_of
+from velocityfs.service.pools import mib_to_bytes
+from velocityfs.service.velocity import Velocity
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MIB = 1 << 20
+BLKSIZE = MIB
+XATTR_PREFIX = "user.velocity."
+
+
+def fuse_error(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+@dataclass
+class Handle:
+    """One open() of a media: the backing file descriptor it reads and writes."""
+
+    node: MediaNode
+    fd: int
+
+
+def _format_mib(nbytes: int | None) -> bytes:
+    if nbytes is None:
+        return b"inherit"
+    if nbytes % MIB == 0:
+        return str(nbytes // MIB).encode()
+    return f"{nbytes / MIB:.6f}".rstrip("0").encode()
+
+
+class VelocityOperations(pyfuse3.Operations):
+    """The filesystem seen by the kernel."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        velocity: Velocity,
+        holder_id: str,
+        *,
+        attr_timeout: float = 1.0,
+        sql_threads: int = 1,
+    ) -> None:
+        super().__init__()
+        self.v = velocity
+        self.holder_id = holder_id
+        self.attr_timeout = attr_timeout
+        self.sql_limiter = trio.CapacityLimiter(sql_threads)
+        now = time.time_ns()
+        root = DirNode(
+            ino=pyfuse3.ROOT_INODE,
+            name="",
+            parent=None,
+            mode=0o755,
+            uid=0,
+            gid=0,
+            mtime_ns=now,
+            ctime_ns=now,
+        )
+        self.inodes = Inodes(root)
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.dir_handles: dict[int, list[tuple[str, Node]]] = {}
+
+    # loading -------------------------------------------------------------
+    def load(self) -> None:
+        """Mirror the whole catalog in memory (20,000 media take well under a second)."""
+        pools = self.v.pools.all()
+        media = self.v.media.all()
+        pool_xattrs = self.v.xattrs.of_many([p.id for p in pools])
+        by_parent: dict[str | None, list] = {}
+        for pool in pools:
+            by_parent.setdefault(pool.parent_id, []).append(pool)
+        frontier: list[tuple[str | None, DirNode]] = [(None, self.inodes.root)]
+        while frontier:
+            parent_id, parent_node = frontier.pop()
+            for view in by_parent.get(parent_id, []):
+                node = self.inodes.add_pool(parent_node, view, pool_xattrs.get(view.id, {}))
+                frontier.append((view.id, node))
+        for view in media:
+            parent = self.inodes.by_pool.get(view.pool_id)
+            if parent is not None:
+                self.inodes.add_media(parent, view)
+
+    # helpers -------------------------------------------------------------
+    async def sql(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a service call off the trio thread; service refusals become errno."""
+        try:
+            return await trio.to_thread.run_sync(
+                functools.partial(fn, *args, **kwargs), limiter=self.sql_limiter
+            )
+        except VelocityError as exc:
+            raise fuse_error(errno_of(exc)) from exc
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:
+            log.exception("catalog call %s failed", getattr(fn, "__name__", fn))
+            raise fuse_error(errno.EIO) from exc
+
+    def node(self, ino: int) -> Node:
+        try:
+            return self.inodes.by_ino[ino]
+        except KeyError:
+            raise fuse_error(errno.ENOENT) from None
+
+    def dir(self, ino: int) -> DirNode:
+        node = self.node(ino)
+        if not isinstance(node, DirNode):
+            raise fuse_error(errno.ENOTDIR)
+        return node
+
+    def pool_dir(self, ino: int) -> DirNode:
+        """A directory that may hold media and subpools: any pool, not the root."""
+        node = self.dir(ino)
+        if node.is_root:
+            raise fuse_error(errno.EPERM)
+        return node
+
+    def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = self.attr_timeout
+        a.attr_timeout = self.attr_timeout
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_rdev = 0
+        a.st_blksize = BLKSIZE
+        a.st_mtime_ns = node.mtime_ns
+        a.st_ctime_ns = node.ctime_ns
+        if isinstance(node, MediaNode):
+            a.st_mode = node.st_mode()
+            a.st_nlink = 1
+            a.st_size = node.size
+            a.st_blocks = blocks_of(node)
+            a.st_atime_ns = node.atime_ns
+        else:
+            assert isinstance(node, DirNode)
+            a.st_mode = node.st_mode()
+            a.st_nlink = 2
+            a.st_size = 4096
+            a.st_blocks = 8
+            a.st_atime_ns = node.mtime_ns
+        return a
+
+    # lookup and attributes -----------------------------------------------
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self.dir(parent_inode)
+        text = os.fsdecode(name)
+        if text == ".":
+            return self.attrs(parent)
+        if text == "..":
+            return self.attrs(parent.parent or parent)
+        child = parent.children.get(text)
+        if child is None:
+            raise fuse_error(errno.ENOENT)
+        return self.attrs(child)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        """Nodes live as long as their catalog rows; the kernel's counts are not needed."""
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self.attrs(self.node(inode))
+
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self.node(inode)
+        if isinstance(node, DirNode) and node.is_root:
+            raise fuse_error(errno.EPERM)
+        changes: dict[str, int] = {}
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode & 0o7777
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        if isinstance(node, MediaNode):
+            if fields.update_size:
+                await self.truncate(node, attr.st_size)
+            if fields.update_atime:
+                changes["atime_ns"] = attr.st_atime_ns
+            if changes:
+                await self.sql(self.v.media.set_attrs, node.media_id, **changes)
+                node.atime_ns = changes.get("atime_ns", node.atime_ns)
+        else:
+            assert isinstance(node, DirNode) and node.pool_id is not None
+            if fields.update_size:
+                raise fuse_error(errno.EISDIR)
+            if changes:
+                await self.sql(self.v.pools.set_attrs, node.pool_id, **changes)
+        node.mode = changes.get("mode", node.mode)
+        node.uid = changes.get("uid", node.uid)
+        node.gid = changes.get("gid", node.gid)
+        node.mtime_ns = changes.get("mtime_ns", node.mtime_ns)
+        if changes or fields.update_size:
+            node.ctime_ns = time.time_ns()
+        return self.attrs(node)
+
+    # directories ---------------------------------------------------------
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        """Snapshot the entries so a listing is stable while the pool changes."""
+        node = self.dir(inode)
+        fh = self._new_fh()
+        self.dir_handles[fh] = list(node.children.items())
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self.dir_handles.get(fh, [])
+        for index in range(start_id, len(entries)):
+            name, child = entries[index]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self.attrs(child), index + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        self.dir_handles.pop(fh, None)
+
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self.pool_dir(parent_inode)
+        view = await self.sql(
+            self.v.pools.create,
+            parent.pool_id,
+            os.fsdecode(name),
+            None,
+            mode=(mode & ~ctx.umask) & 0o7777,
+            uid=ctx.uid,
+            gid=ctx.gid,
+        )
+        node = self.inodes.add_pool(parent, view, {})
+        parent.mtime_ns = parent.ctime_ns = view.ctime_ns
+        return self.attrs(node)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self.pool_dir(parent_inode)
+        child = parent.children.get(os.fsdecode(name))
+        if child is None:
+            raise fuse_error(errno.ENOENT)
+        if not isinstance(child, DirNode):
+            raise fuse_error(errno.ENOTDIR)
+        if child.children:
+            raise fuse_error(errno.ENOTEMPTY)
+        assert child.pool_id is not None
+        await self.sql(self.v.pools.remove, child.pool_id)
+        self.inodes.detach(child)
+        parent.mtime_ns = parent.ctime_ns = time.time_ns()
+
+    # refused node kinds --------------------------------------------------
+    async def symlink(self, parent_inode, name, target, ctx):  # type: ignore[no-untyped-def]
+        raise fuse_error(errno.EPERM)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):  # type: ignore[no-untyped-def]
+        raise fuse_error(errno.EPERM)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):  # type: ignore[no-untyped-def]
+        raise fuse_error(errno.EPERM)
+
+    # media lifecycle -----------------------------------------------------
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self.pool_dir(parent_inode)
+        text = os.fsdecode(name)
+        if text in parent.children:
+            raise fuse_error(errno.EEXIST)
+        view = await self.sql(
+            self.v.media.create,
+            parent.pool_id,
+            text,
+            mode=(mode & ~ctx.umask) & 0o7777,
+            uid=ctx.uid,
+            gid=ctx.gid,
+        )
+        node = self.inodes.add_media(parent, view)
+        parent.mtime_ns = parent.ctime_ns = view.ctime_ns
+        return self._open_handle(node, flags), self.attrs(node)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.node(inode)
+        if not isinstance(node, MediaNode):
+            raise fuse_error(errno.EISDIR)
+        return self._open_handle(node, flags)
+
+    def _open_handle(self, node: MediaNode, flags: int) -> pyfuse3.FileInfo:
+        # O_APPEND must not reach the backing file: pwrite would ignore our offsets.
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        try:
+            fd = os.open(node.backing_path, os.O_RDWR if writable else os.O_RDONLY)
+        except OSError as exc:
+            log.error("cannot open backing file %s: %s", node.backing_path, exc)
+            raise fuse_error(exc.errno or errno.EIO) from exc
+        fh = self._new_fh()
+        self.handles[fh] = Handle(node, fd)
+        node.open_count += 1
+        return pyfuse3.FileInfo(fh=fh)
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self.handles[fh].fd, size, off)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.handles[fh]
+        node = handle.node
+        end = off + len(buf)
+        if end > node.charged:
+            await self._grow(node, end, partial=True)
+            if off >= node.charged:
+                raise fuse_error(errno.ENOSPC)
+            if end > node.charged:
+                buf = buf[: node.charged - off]
+        # No await between the room check and the write: the grant cannot shrink under us.
+        written = os.pwrite(handle.fd, buf, off)
+        if off + written > node.size:
+            node.size = off + written
+        node.mtime_ns = node.ctime_ns = time.time_ns()
+        node.dirty = True
+        return written
+
+    async def _grow(self, node: MediaNode, end: int, *, partial: bool) -> None:
+        """Reserve room so that ``node.charged >= end`` (or as much as fits, if partial)."""
+        async with node.lock:
+            if end <= node.charged:
+                return
+            if node.deleted:
+                raise fuse_error(errno.ENOSPC)
+            need = end - node.charged
+            try:
+                reservation = await trio.to_thread.run_sync(
+                    functools.partial(
+                        self.v.ledger.reserve, node.media_id, self.holder_id, need, partial=partial
+                    ),
+                    limiter=self.sql_limiter,
+                )
+            except QuotaExceeded as exc:
+                if partial:
+                    return
+                raise fuse_error(errno.ENOSPC) from exc
+            except VelocityError as exc:
+                raise fuse_error(errno_of(exc)) from exc
+            node.charged += reservation.added
+
+    async def settle(self, node: MediaNode, *, release_grant: bool) -> None:
+        """Record the node's size (and mtime) in the catalog; optionally return the grant.
+
+        Shrinking ``charged`` happens before the await, so a write racing the
+        settlement has to reserve again instead of writing into room that is
+        being handed back.
+        """
+        async with node.lock:
+            if node.deleted:
+                return
+            size = node.size
+            keep = 0 if release_grant else node.charged - size
+            if not node.dirty and size == node.settled and keep == node.granted:
+                return
+            node.charged = size + keep
+            node.dirty = False
+            await self.sql(
+                self.v.ledger.settle,
+                node.media_id,
+                self.holder_id,
+                size,
+                keep,
+                mtime_ns=node.mtime_ns,
+            )
+            node.settled = size
+
+    async def truncate(self, node: MediaNode, size: int) -> None:
+        """Resize a media; growth past a quota fails with ENOSPC and changes nothing."""
+        if size > node.charged:
+            await self._grow(node, size, partial=False)
+        async with node.lock:
+            os.truncate(node.backing_path, size)
+            node.size = size
+            node.mtime_ns = node.ctime_ns = time.time_ns()
+            node.dirty = True
+        await self.settle(node, release_grant=node.open_count == 0)
+
+    async def flush(self, fh: int) -> None:
+        node = self.handles[fh].node
+        await self.settle(node, release_grant=node.open_count == 1)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self.handles[fh]
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, handle.fd)
+        await self.settle(handle.node, release_grant=False)
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        node = handle.node
+        node.open_count -= 1
+        try:
+            if node.open_count == 0:
+                await self.settle(node, release_grant=True)
+        finally:
+            os.close(handle.fd)
+            if node.deleted and node.open_count == 0:
+                self.inodes.by_ino.pop(node.ino, None)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self.pool_dir(parent_inode)
+        child = parent.children.get(os.fsdecode(name))
+        if child is None:
+            raise fuse_error(errno.ENOENT)
+        if not isinstance(child, MediaNode):
+            raise fuse_error(errno.EISDIR)
+        await self.sql(self.v.media.remove, child.media_id)
+        self.inodes.detach(child)
+        parent.mtime_ns = parent.ctime_ns = time.time_ns()
+
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise fuse_error(errno.EINVAL)
+        old_parent = self.dir(parent_inode_old)
+        new_parent = self.dir(parent_inode_new)
+        old_name, new_name = os.fsdecode(name_old), os.fsdecode(name_new)
+        node = old_parent.children.get(old_name)
+        if node is None:
+            raise fuse_error(errno.ENOENT)
+        target = new_parent.children.get(new_name)
+        if target is node:
+            return
+        if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
+            raise fuse_error(errno.EEXIST)
+        if old_parent.is_root or new_parent.is_root:
+            raise fuse_error(errno.EPERM)
+        if isinstance(node, MediaNode):
+            if isinstance(target, DirNode):
+                raise fuse_error(errno.EISDIR)
+            await self._settle_before_move(node)
+            await self.sql(self.v.media.rename, node.media_id, new_parent.pool_id, new_name)
+        else:
+            assert isinstance(node, DirNode) and node.pool_id is not None
+            if isinstance(target, MediaNode):
+                raise fuse_error(errno.ENOTDIR)
+            if isinstance(target, DirNode):
+                if target.children:
+                    raise fuse_error(errno.ENOTEMPTY)
+                assert target.pool_id is not None
+                await self.sql(self.v.pools.remove, target.pool_id)
+            await self.sql(self.v.pools.rename, node.pool_id, new_parent.pool_id, new_name)
+        if target is not None:
+            self.inodes.detach(target)
+        self.inodes.move(node, new_parent, new_name)
+        now = time.time_ns()
+        old_parent.mtime_ns = old_parent.ctime_ns = now
+        new_parent.mtime_ns = new_parent.ctime_ns = now
+        node.ctime_ns = now
+
+    async def _settle_before_move(self, node: MediaNode) -> None:
+        """A move charges the catalog's size plus grants, so bring the size up to date first."""
+        if node.dirty or node.size != node.settled:
+            await self.settle(node, release_grant=node.open_count == 0)
+
+    # filesystem ----------------------------------------------------------
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        quota, used = await self.sql(self.v.pools.capacity)
+        disk = os.statvfs(self.v.backing.top)
+        frsize = 4096
+        free = min(max(0, quota - used), disk.f_bavail * disk.f_frsize)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = BLKSIZE
+        s.f_frsize = frsize
+        s.f_blocks = quota // frsize
+        s.f_bfree = free // frsize
+        s.f_bavail = free // frsize
+        s.f_files = disk.f_files
+        s.f_ffree = disk.f_ffree
+        s.f_favail = disk.f_favail
+        s.f_namemax = 255
+        return s
+
+    # extended attributes -------------------------------------------------
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.node(inode)
+        text = os.fsdecode(name)
+        if text.startswith(XATTR_PREFIX):
+            return await self._velocity_xattr(node, text[len(XATTR_PREFIX) :])
+        try:
+            return node.xattrs[text]
+        except KeyError:
+            raise fuse_error(pyfuse3.ENOATTR) from None
+
+    async def _velocity_xattr(self, node: Node, key: str) -> bytes:
+        if isinstance(node, MediaNode):
+            values = {
+                "mid": node.media_id,
+                "volume": node.volume,
+                "backing_path": node.backing_path,
+            }
+            if key in values:
+                return values[key].encode()
+        elif isinstance(node, DirNode) and node.pool_id is not None:
+            if key == "pid":
+                return node.pool_id.encode()
+            if key in ("quota_mib", "used_bytes"):
+                view = await self.sql(self.v.pools.get, node.pool_id)
+                if key == "quota_mib":
+                    return _format_mib(view.quota_bytes)
+                return str(view.used_bytes).encode()
+            if key == "avail_bytes":
+                return str(await self.sql(self.v.pools.available, node.pool_id)).encode()
+        raise fuse_error(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        """Stored attributes only: ``user.velocity.*`` are virtual, as CephFS's quota
+        attributes are, so ``rsync -X`` and ``cp -a`` neither copy nor try to remove them."""
+        return [os.fsencode(n) for n in sorted(self.node(inode).xattrs)]
+
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        node = self.node(inode)
+        text = os.fsdecode(name)
+        if text.startswith(XATTR_PREFIX):
+            await self._set_velocity_xattr(node, text[len(XATTR_PREFIX) :], value)
+            return
+        if not text.startswith("user."):
+            raise fuse_error(errno.EOPNOTSUPP)
+        owner = self._xattr_owner(node)
+        await self.sql(self.v.xattrs.set, owner, text, value)
+        node.xattrs[text] = value
+
+    async def _set_velocity_xattr(self, node: Node, key: str, value: bytes) -> None:
+        if not (isinstance(node, DirNode) and node.pool_id is not None and key == "quota_mib"):
+            raise fuse_error(errno.EPERM)
+        text = value.decode(errors="replace").strip().rstrip("\0")
+        quota = None if text.lower() in ("", "inherit", "none") else text
+        try:
+            quota_bytes = None if quota is None else mib_to_bytes(quota)
+        except VelocityError as exc:
+            raise fuse_error(errno.EINVAL) from exc
+        await self.sql(self.v.pools.set_quota, node.pool_id, quota_bytes)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self.node(inode)
+        text = os.fsdecode(name)
+        if text.startswith(XATTR_PREFIX):
+            raise fuse_error(errno.EPERM)
+        if text not in node.xattrs:
+            raise fuse_error(pyfuse3.ENOATTR)
+        await self.sql(self.v.xattrs.remove, self._xattr_owner(node), text)
+        del node.xattrs[text]
+
+    @staticmethod
+    def _xattr_owner(node: Node) -> str:
+        if isinstance(node, MediaNode):
+            return node.media_id
+        assert isinstance(node, DirNode)
+        if node.pool_id is None:
+            raise fuse_error(errno.EPERM)
+        return node.pool_id
+
+    # shutdown ------------------------------------------------------------
+    async def settle_all(self) -> None:
+        """On unmount: settle every open media and hand back every grant."""
+        for handle in list(self.handles.values()):
+            if not handle.node.deleted:
+                await self.settle(handle.node, release_grant=True)

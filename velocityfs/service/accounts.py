@@ -1,0 +1,292 @@
+"""Users, groups, shares, authkeys and the permission rule.
+
+A pool shared with a group grants that group a set of permissions on the
+pool and its whole subtree; a user acts through any group it belongs to;
+members of the root group may do everything.
+"""
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import delete, select
+
+from velocityfs.catalog.database import Database
+from velocityfs.catalog.models import AuthKey, Group, Membership, Pool, Share, User
+from velocityfs.errors import (
+    AuthenticationFailed,
+    Conflict,
+    InvalidValue,
+    NotFound,
+)
+from velocityfs.service.ledger import chain_ids
+from velocityfs.service.names import check_name
+
+ROOT_GROUP = "root"
+
+PERMISSIONS = (
+    "velocity.pool.view",
+    "velocity.pool.create",
+    "velocity.pool.remove",
+    "velocity.pool.media.view",
+    "velocity.pool.media.create",
+    "velocity.pool.media.remove",
+    "velocity.pool.media.read",
+    "velocity.pool.media.write",
+)
+
+DEFAULT_AUTHKEY_LIFETIME_S = 3600
+
+_hasher = PasswordHasher()
+
+
+def _key_hash(authkey: str) -> str:
+    """Authkeys are 256-bit random tokens, so a plain SHA-256 is enough to store them."""
+    return hashlib.sha256(authkey.encode()).hexdigest()
+
+
+def check_permissions(permissions: list[str]) -> list[str]:
+    unknown = [p for p in permissions if p not in PERMISSIONS]
+    if unknown:
+        raise InvalidValue(f"unknown permission(s): {', '.join(unknown)}")
+    return sorted(set(permissions))
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """An authkey as handed to the client: the only time its plain text exists."""
+
+    authkey: str
+    user_id: str
+    expires_ns: int
+
+
+@dataclass(frozen=True)
+class ShareView:
+    pool_id: str
+    group_id: str
+    permissions: list[str]
+
+
+class AccountService:
+    """Accounts and access; each public method is one transaction."""
+
+    def __init__(self, database: Database, authkey_lifetime_s: int = DEFAULT_AUTHKEY_LIFETIME_S):
+        self.db = database
+        self.authkey_lifetime_s = authkey_lifetime_s
+
+    # users -----------------------------------------------------------------
+    def add_user(self, name: str, password: str) -> str:
+        check_name(name, "user name")
+        if not password:
+            raise InvalidValue("password must not be empty")
+        with self.db.transaction() as s:
+            if s.execute(select(User.id).where(User.name == name)).first():
+                raise Conflict(f"user '{name}' exists")
+            user = User(name=name, password_hash=_hasher.hash(password))
+            s.add(user)
+            s.flush()
+            return user.id
+
+    def set_password(self, name: str, password: str) -> None:
+        if not password:
+            raise InvalidValue("password must not be empty")
+        with self.db.transaction() as s:
+            user = self._user(s, name)
+            user.password_hash = _hasher.hash(password)
+            s.execute(delete(AuthKey).where(AuthKey.user_id == user.id))
+
+    def remove_user(self, name: str) -> None:
+        with self.db.transaction() as s:
+            s.delete(self._user(s, name))
+
+    def users(self) -> list[tuple[str, str]]:
+        with self.db.transaction() as s:
+            return [(u.id, u.name) for u in s.execute(select(User).order_by(User.name)).scalars()]
+
+    @staticmethod
+    def _user(s, name: str) -> User:  # type: ignore[no-untyped-def]
+        user = s.execute(select(User).where(User.name == name)).scalar_one_or_none()
+        if user is None:
+            raise NotFound(f"no user '{name}'")
+        return user
+
+    # groups ----------------------------------------------------------------
+    def add_group(self, name: str) -> str:
+        check_name(name, "group name")
+        with self.db.transaction() as s:
+            if s.execute(select(Group.id).where(Group.name == name)).first():
+                raise Conflict(f"group '{name}' exists")
+            group = Group(name=name)
+            s.add(group)
+            s.flush()
+            return group.id
+
+    def ensure_root_group(self) -> str:
+        with self.db.transaction() as s:
+            gid = s.execute(select(Group.id).where(Group.name == ROOT_GROUP)).scalar()
+            if gid is not None:
+                return gid
+            group = Group(name=ROOT_GROUP)
+            s.add(group)
+            s.flush()
+            return group.id
+
+    def remove_group(self, name: str) -> None:
+        if name == ROOT_GROUP:
+            raise InvalidValue("the root group cannot be removed")
+        with self.db.transaction() as s:
+            s.delete(self._group(s, name))
+
+    def groups(self) -> list[tuple[str, str]]:
+        with self.db.transaction() as s:
+            rows = s.execute(select(Group).order_by(Group.name)).scalars()
+            return [(g.id, g.name) for g in rows]
+
+    def group_id(self, name_or_id: str) -> str:
+        with self.db.transaction() as s:
+            group = s.get(Group, name_or_id)
+            return group.id if group is not None else self._group(s, name_or_id).id
+
+    @staticmethod
+    def _group(s, name: str) -> Group:  # type: ignore[no-untyped-def]
+        group = s.execute(select(Group).where(Group.name == name)).scalar_one_or_none()
+        if group is None:
+            raise NotFound(f"no group '{name}'")
+        return group
+
+    # memberships -----------------------------------------------------------
+    def add_member(self, group: str, user: str) -> None:
+        with self.db.transaction() as s:
+            g, u = self._group(s, group), self._user(s, user)
+            if s.get(Membership, (u.id, g.id)) is not None:
+                raise Conflict(f"user '{user}' is already in group '{group}'")
+            s.add(Membership(user_id=u.id, group_id=g.id))
+
+    def remove_member(self, group: str, user: str) -> None:
+        with self.db.transaction() as s:
+            g, u = self._group(s, group), self._user(s, user)
+            row = s.get(Membership, (u.id, g.id))
+            if row is None:
+                raise NotFound(f"user '{user}' is not in group '{group}'")
+            s.delete(row)
+
+    def members(self, group: str) -> list[str]:
+        with self.db.transaction() as s:
+            g = self._group(s, group)
+            rows = s.execute(
+                select(User.name)
+                .join(Membership, Membership.user_id == User.id)
+                .where(Membership.group_id == g.id)
+                .order_by(User.name)
+            )
+            return list(rows.scalars())
+
+    # shares ----------------------------------------------------------------
+    def share(self, pool_id: str, group: str, permissions: list[str]) -> ShareView:
+        """Share a pool (and its subtree) with a group; replaces an earlier share."""
+        perms = check_permissions(permissions)
+        with self.db.transaction() as s:
+            if s.get(Pool, pool_id) is None:
+                raise NotFound(f"no pool {pool_id}")
+            g = self._group(s, group)
+            row = s.get(Share, (pool_id, g.id))
+            if not perms:
+                if row is not None:
+                    s.delete(row)
+                return ShareView(pool_id, g.id, [])
+            if row is None:
+                s.add(Share(pool_id=pool_id, group_id=g.id, permissions=",".join(perms)))
+            else:
+                row.permissions = ",".join(perms)
+            return ShareView(pool_id, g.id, perms)
+
+    def shares_of_group(self, group_id: str) -> list[ShareView]:
+        with self.db.transaction() as s:
+            if s.get(Group, group_id) is None:
+                raise NotFound(f"no group {group_id}")
+            rows = s.execute(select(Share).where(Share.group_id == group_id)).scalars()
+            return [ShareView(r.pool_id, r.group_id, r.permissions.split(",")) for r in rows]
+
+    def shares_of_pool(self, pool_id: str) -> list[ShareView]:
+        with self.db.transaction() as s:
+            rows = s.execute(select(Share).where(Share.pool_id == pool_id)).scalars()
+            return [ShareView(r.pool_id, r.group_id, r.permissions.split(",")) for r in rows]
+
+    # access ----------------------------------------------------------------
+    def group_ids_of(self, user_id: str) -> set[str]:
+        with self.db.transaction() as s:
+            rows = s.execute(select(Membership.group_id).where(Membership.user_id == user_id))
+            return set(rows.scalars())
+
+    def is_root(self, user_id: str) -> bool:
+        with self.db.transaction() as s:
+            row = s.execute(
+                select(Membership.user_id)
+                .join(Group, Group.id == Membership.group_id)
+                .where(Membership.user_id == user_id, Group.name == ROOT_GROUP)
+            ).first()
+            return row is not None
+
+    def permissions_on(self, user_id: str, pool_id: str) -> set[str]:
+        """What ``user_id`` may do on ``pool_id``: shares on the pool or any ancestor."""
+        if self.is_root(user_id):
+            return set(PERMISSIONS)
+        groups = self.group_ids_of(user_id)
+        if not groups:
+            return set()
+        with self.db.transaction() as s:
+            chain = chain_ids(s, pool_id)
+            rows = s.execute(
+                select(Share.permissions).where(
+                    Share.pool_id.in_(chain), Share.group_id.in_(groups)
+                )
+            ).scalars()
+            return {p for row in rows for p in row.split(",")}
+
+    def may(self, user_id: str, pool_id: str, permission: str) -> bool:
+        return permission in self.permissions_on(user_id, pool_id)
+
+    # authkeys --------------------------------------------------------------
+    def login(self, name: str, password: str) -> IssuedKey:
+        """Check a password and issue an authkey; any failure reads the same."""
+        with self.db.transaction() as s:
+            user = s.execute(select(User).where(User.name == name)).scalar_one_or_none()
+            try:
+                if user is None:
+                    raise VerificationError("no such user")
+                _hasher.verify(user.password_hash, password)
+            except (VerificationError, InvalidHashError) as exc:
+                raise AuthenticationFailed("wrong user name or password") from exc
+            authkey = secrets.token_urlsafe(32)
+            expires = time.time_ns() + self.authkey_lifetime_s * 1_000_000_000
+            s.add(AuthKey(user_id=user.id, key_hash=_key_hash(authkey), expires_ns=expires))
+            return IssuedKey(authkey, user.id, expires)
+
+    def _live_key(self, s, authkey: str) -> AuthKey:  # type: ignore[no-untyped-def]
+        if not authkey:
+            raise AuthenticationFailed("an authkey is required")
+        row = s.execute(
+            select(AuthKey).where(AuthKey.key_hash == _key_hash(authkey))
+        ).scalar_one_or_none()
+        if row is None or row.expires_ns <= time.time_ns():
+            raise AuthenticationFailed("unknown or expired authkey")
+        return row
+
+    def authenticate(self, authkey: str) -> str:
+        """The user id behind a live authkey."""
+        with self.db.transaction() as s:
+            return self._live_key(s, authkey).user_id
+
+    def renew(self, authkey: str) -> IssuedKey:
+        with self.db.transaction() as s:
+            row = self._live_key(s, authkey)
+            row.expires_ns = time.time_ns() + self.authkey_lifetime_s * 1_000_000_000
+            return IssuedKey(authkey, row.user_id, row.expires_ns)
+
+    def drop(self, authkey: str) -> None:
+        with self.db.transaction() as s:
+            s.delete(self._live_key(s, authkey))

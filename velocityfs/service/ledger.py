@@ -1,0 +1,272 @@
+"""The quota ledger: grants, settlement and the hierarchical quota check.
+
+``Pool.used_bytes`` is the settled size of every media in the pool's subtree
+plus every outstanding grant there. Every change to it is applied to the pool
+and all its ancestors in one transaction, after locking those rows root-first
+(a fixed global order, so concurrent writers on PostgreSQL never deadlock; on
+SQLite ``BEGIN IMMEDIATE`` already serialises writers). A change is refused
+when it would lift any pool on the chain past its quota, so a check costs
+O(depth) and never scans media.
+
+A writer reserves room ahead of its writes (a grant), writes into it without
+touching SQL, and settles to the real size on flush, fsync or close.
+"""
+
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from velocityfs.catalog.models import Grant, Holder, Media, Pool
+from velocityfs.errors import NotFound, QuotaExceeded
+
+GRANT_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What a grant request got: the grant's id and the bytes added to it."""
+
+    grant_id: str
+    added: int
+
+
+def chain_ids(session: Session, pool_id: str) -> list[str]:
+    """Ids of ``pool_id`` and its ancestors, root first (O(depth) primary-key reads)."""
+    ids: list[str] = []
+    current: str | None = pool_id
+    while current is not None:
+        parent = session.execute(select(Pool.parent_id).where(Pool.id == current)).first()
+        if parent is None:
+            raise NotFound(f"no pool {current}")
+        ids.append(current)
+        current = parent[0]
+    ids.reverse()
+    return ids
+
+
+def lock_chains(session: Session, *pool_ids: str) -> list[list[Pool]]:
+    """Lock the ancestor chains of ``pool_ids`` root-first; return each chain, root first.
+
+    Rows are locked in order of (depth, id) across all chains, one global order
+    that every transaction of the ledger follows.
+    """
+    chains = [chain_ids(session, pid) for pid in pool_ids]
+    order = sorted({(depth, pid) for chain in chains for depth, pid in enumerate(chain)})
+    rows: dict[str, Pool] = {}
+    for _depth, pid in order:
+        pool = session.execute(
+            select(Pool)
+            .where(Pool.id == pid)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).scalar_one_or_none()
+        if pool is None:
+            raise NotFound(f"no pool {pid}")
+        rows[pid] = pool
+    return [[rows[pid] for pid in chain] for chain in chains]
+
+
+def room(chain: Sequence[Pool]) -> int:
+    """Bytes that may still be charged to the last pool of ``chain`` (min over ancestors)."""
+    limits = [p.quota_bytes - p.used_bytes for p in chain if p.quota_bytes is not None]
+    return max(0, min(limits)) if limits else 0
+
+
+def charge(chain: Iterable[Pool], delta: int) -> None:
+    """Add ``delta`` to every pool of ``chain``; refuse if a quota would be passed.
+
+    A negative delta (returning room) is never refused.
+    """
+    chain = list(chain)
+    if delta > 0:
+        for pool in chain:
+            if pool.quota_bytes is not None and pool.used_bytes + delta > pool.quota_bytes:
+                raise QuotaExceeded(
+                    f"pool '{pool.name}' has {max(0, pool.quota_bytes - pool.used_bytes)} "
+                    f"bytes left, {delta} needed"
+                )
+    for pool in chain:
+        pool.used_bytes += delta
+
+
+def grant_size(need: int, available: int, chunk: int) -> int:
+    """How much to reserve when ``need`` bytes are wanted and ``available`` are left.
+
+    Far from a limit a writer takes a whole chunk (few transactions); near it,
+    never more than a quarter of what is left, so siblings can still fill the
+    parent to the byte.
+    """
+    if need > available:
+        return available
+    return max(need, min(chunk, available // 4))
+
+
+def _find_grant(session: Session, media_id: str, holder_id: str) -> Grant | None:
+    return session.execute(
+        select(Grant).where(Grant.media_id == media_id, Grant.holder_id == holder_id)
+    ).scalar_one_or_none()
+
+
+class Ledger:
+    """Grant lifecycle, each call one transaction on the catalog."""
+
+    def __init__(self, database) -> None:  # type: ignore[no-untyped-def]
+        self.db = database
+
+    def reserve(
+        self,
+        media_id: str,
+        holder_id: str,
+        need: int,
+        *,
+        partial: bool = False,
+        chunk: int = GRANT_CHUNK,
+    ) -> Reservation:
+        """Grow the holder's grant on a media by at least ``need`` bytes.
+
+        With ``partial`` a request that only partly fits gets what fits (a
+        short write); without it, or when nothing fits, QuotaExceeded.
+        """
+        with self.db.transaction() as s:
+            media = s.get(Media, media_id)
+            if media is None:
+                raise NotFound(f"no media {media_id}")
+            (chain,) = lock_chains(s, media.pool_id)
+            available = room(chain)
+            if available == 0 or (available < need and not partial):
+                raise QuotaExceeded(f"pool '{chain[-1].name}': {available} bytes left")
+            added = grant_size(need, available, chunk)
+            charge(chain, added)
+            grant = _find_grant(s, media_id, holder_id)
+            if grant is None:
+                grant = Grant(
+                    pool_id=media.pool_id,
+                    media_id=media_id,
+                    holder_id=holder_id,
+                    bytes=0,
+                    created_ns=time.time_ns(),
+                )
+                s.add(grant)
+            grant.bytes += added
+            s.flush()
+            return Reservation(grant.id, added)
+
+    def settle(
+        self,
+        media_id: str,
+        holder_id: str,
+        size: int,
+        keep: int = 0,
+        *,
+        mtime_ns: int | None = None,
+    ) -> None:
+        """Record the media's real ``size`` and shrink the holder's grant to ``keep``.
+
+        The difference is returned to (or, for growth without a grant, charged
+        to) the pool chain; growth that does not fit raises QuotaExceeded and
+        changes nothing.
+        """
+        with self.db.transaction() as s:
+            media = s.get(Media, media_id)
+            if media is None:
+                raise NotFound(f"no media {media_id}")
+            (chain,) = lock_chains(s, media.pool_id)
+            grant = _find_grant(s, media_id, holder_id)
+            held = grant.bytes if grant else 0
+            charge(chain, (size - media.size) + (keep - held))
+            media.size = size
+            if mtime_ns is not None:
+                media.mtime_ns = mtime_ns
+            if grant is not None and keep == 0:
+                s.delete(grant)
+            elif grant is not None:
+                grant.bytes = keep
+            elif keep:
+                s.add(
+                    Grant(
+                        pool_id=media.pool_id,
+                        media_id=media_id,
+                        holder_id=holder_id,
+                        bytes=keep,
+                        created_ns=time.time_ns(),
+                    )
+                )
+
+    def register_holder(self) -> str:
+        """Record this process as a grant holder and return its id."""
+        now = time.time_ns()
+        with self.db.transaction() as s:
+            holder = Holder(
+                host=socket.gethostname(), pid=os.getpid(), started_ns=now, heartbeat_ns=now
+            )
+            s.add(holder)
+            s.flush()
+            return holder.id
+
+    def retire_holder(self, holder_id: str) -> None:
+        """Forget a holder that released all its grants on a clean shutdown."""
+        with self.db.transaction() as s:
+            holder = s.get(Holder, holder_id)
+            if holder is not None:
+                s.delete(holder)
+
+    def dead_holders(self) -> list[str]:
+        """Holders on this host whose process is gone (their grants are stale)."""
+        host = socket.gethostname()
+        with self.db.transaction() as s:
+            holders = s.execute(select(Holder).where(Holder.host == host)).scalars().all()
+            return [h.id for h in holders if not _process_alive(h.pid)]
+
+    def stale_grants(self, holder_ids: Sequence[str]) -> list[tuple[str, str]]:
+        """(grant id, media id) of every grant held by ``holder_ids``."""
+        with self.db.transaction() as s:
+            rows = s.execute(
+                select(Grant.id, Grant.media_id).where(Grant.holder_id.in_(holder_ids))
+            ).all()
+            return [(gid, mid) for gid, mid in rows]
+
+    def reclaim(self, holder_id: str, sizes: dict[str, int]) -> int:
+        """Drop a dead holder's grants, settling each media to its size on disk.
+
+        ``sizes`` maps media id to the backing file's apparent size, so bytes
+        the dead writer really wrote stay charged and the rest is returned.
+        Each grant is its own transaction, keeping the root-first lock order.
+        Returns how many grants were reclaimed.
+        """
+        with self.db.transaction() as s:
+            grant_ids = s.execute(select(Grant.id).where(Grant.holder_id == holder_id)).scalars()
+            grant_ids = list(grant_ids)
+        for grant_id in grant_ids:
+            with self.db.transaction() as s:
+                grant = s.get(Grant, grant_id)
+                if grant is None:
+                    continue
+                (chain,) = lock_chains(s, grant.pool_id)
+                media = s.get(Media, grant.media_id) if grant.media_id else None
+                delta = -grant.bytes
+                if media is not None and grant.media_id in sizes:
+                    real = min(sizes[grant.media_id], media.size + grant.bytes)
+                    delta += real - media.size
+                    media.size = real
+                charge(chain, delta)
+                s.delete(grant)
+        with self.db.transaction() as s:
+            holder = s.get(Holder, holder_id)
+            if holder is not None:
+                s.delete(holder)
+        return len(grant_ids)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,256 @@
+"""Media rules: creation with placement on a volume, removal, renames and moves."""
+
+import time
+from collections.abc import Callable
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from velocityfs.catalog.database import Database
+from velocityfs.catalog.models import DEFAULT_VOLUME, Grant, Media, Pool, XAttr
+from velocityfs.errors import Conflict, InvalidValue, NotFound
+from velocityfs.service.ledger import charge, lock_chains
+from velocityfs.service.names import check_name
+from velocityfs.service.pools import name_taken
+from velocityfs.service.views import MediaView
+from velocityfs.store.backing import BackingStore
+
+
+def _granted(session: Session, media_id: str) -> int:
+    return sum(session.execute(select(Grant.bytes).where(Grant.media_id == media_id)).scalars())
+
+
+class MediaService:
+    """Media operations; each public method is one transaction.
+
+    Backing files are created before the catalog row commits (and removed
+    again if it does not), and deleted only after the removal commits, so a
+    crash leaves at worst an orphan file, never a row without bytes.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        backing: BackingStore,
+        choose_volume: Callable[[str, str], str] | None = None,
+    ) -> None:
+        self.db = database
+        self.backing = backing
+        self._choose_volume = choose_volume or (lambda _pool_id, _name: DEFAULT_VOLUME)
+
+    def view(self, media: Media, xattrs: dict[str, bytes] | None = None) -> MediaView:
+        return MediaView(
+            id=media.id,
+            pool_id=media.pool_id,
+            name=media.name,
+            size=media.size,
+            volume=media.volume,
+            mode=media.mode,
+            uid=media.uid,
+            gid=media.gid,
+            atime_ns=media.atime_ns,
+            mtime_ns=media.mtime_ns,
+            ctime_ns=media.ctime_ns,
+            backing_path=str(self.backing.path(media.volume, media.id)),
+            xattrs=xattrs or {},
+        )
+
+    def create(
+        self,
+        pool_id: str,
+        name: str,
+        *,
+        size: int = 0,
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+    ) -> MediaView:
+        """Create media (sparse, ``size`` bytes charged to the pool chain)."""
+        check_name(name, "file name")
+        if size < 0:
+            raise InvalidValue("size must not be negative")
+        volume = self._choose_volume(pool_id, name)
+        now = time.time_ns()
+        media = Media(
+            pool_id=pool_id,
+            name=name,
+            size=size,
+            volume=volume,
+            mode=mode & 0o7777,
+            uid=uid,
+            gid=gid,
+            atime_ns=now,
+            mtime_ns=now,
+            ctime_ns=now,
+        )
+        created = False
+        try:
+            with self.db.transaction() as s:
+                (chain,) = lock_chains(s, pool_id)
+                if name_taken(s, pool_id, name):
+                    raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
+                charge(chain, size)
+                chain[-1].mtime_ns = now
+                s.add(media)
+                s.flush()
+                self.backing.create(volume, media.id, size)
+                created = True
+                return self.view(media)
+        except BaseException:
+            if created:
+                self.backing.remove(volume, media.id)
+            raise
+
+    def get(self, media_id: str) -> MediaView:
+        with self.db.transaction() as s:
+            media = s.get(Media, media_id)
+            if media is None:
+                raise NotFound(f"no media {media_id}")
+            return self.view(media)
+
+    def in_pool(self, pool_id: str) -> list[MediaView]:
+        with self.db.transaction() as s:
+            if s.get(Pool, pool_id) is None:
+                raise NotFound(f"no pool {pool_id}")
+            rows = s.execute(select(Media).where(Media.pool_id == pool_id).order_by(Media.name))
+            return [self.view(m) for m in rows.scalars()]
+
+    def all(self) -> list[MediaView]:
+        """Every media with its xattrs: what a mount loads at start."""
+        with self.db.transaction() as s:
+            xattrs: dict[str, dict[str, bytes]] = {}
+            for owner, name, value in s.execute(select(XAttr.owner_id, XAttr.name, XAttr.value)):
+                xattrs.setdefault(owner, {})[name] = value
+            return [self.view(m, xattrs.get(m.id)) for m in s.execute(select(Media)).scalars()]
+
+    def remove(self, media_id: str) -> None:
+        """Delete media: its size and any grants on it go back to the pool chain."""
+        with self.db.transaction() as s:
+            media = s.get(Media, media_id)
+            if media is None:
+                raise NotFound(f"no media {media_id}")
+            volume = media.volume
+            self._drop(s, media)
+        self.backing.remove(volume, media_id)
+
+    def _drop(self, s: Session, media: Media) -> None:
+        (chain,) = lock_chains(s, media.pool_id)
+        charge(chain, -(media.size + _granted(s, media.id)))
+        chain[-1].mtime_ns = time.time_ns()
+        s.execute(delete(Grant).where(Grant.media_id == media.id))
+        s.execute(delete(XAttr).where(XAttr.owner_id == media.id))
+        s.delete(media)
+
+    def rename(self, media_id: str, pool_id: str, name: str) -> str | None:
+        """Rename or move media, replacing a media of the target name.
+
+        Catalog-only: the backing file is named by id. Across pools the size
+        (and any outstanding grant) moves to the target chain and must fit; a
+        refusal changes nothing. Returns the id of the replaced media, if any.
+        """
+        check_name(name, "file name")
+        replaced: tuple[str, str] | None = None
+        with self.db.transaction() as s:
+            media = s.get(Media, media_id)
+            if media is None:
+                raise NotFound(f"no media {media_id}")
+            old_chain, new_chain = lock_chains(s, media.pool_id, pool_id)
+            target = s.execute(
+                select(Media).where(Media.pool_id == pool_id, Media.name == name)
+            ).scalar_one_or_none()
+            if target is not None and target.id == media.id:
+                return None
+            if target is None and name_taken(s, pool_id, name):
+                raise Conflict(f"'{name}' is a pool in '{new_chain[-1].name}'")
+            if target is not None:
+                replaced = (target.id, target.volume)
+                self._drop(s, target)
+            if media.pool_id != pool_id:
+                total = media.size + _granted(s, media.id)
+                charge(old_chain, -total)
+                charge(new_chain, total)
+                s.execute(
+                    Grant.__table__.update()
+                    .where(Grant.media_id == media.id)
+                    .values(pool_id=pool_id)
+                )
+            now = time.time_ns()
+            old_chain[-1].mtime_ns = new_chain[-1].mtime_ns = now
+            media.pool_id = pool_id
+            media.name = name
+            media.ctime_ns = now
+        if replaced is not None:
+            self.backing.remove(replaced[1], replaced[0])
+            return replaced[0]
+        return None
+
+    def set_attrs(
+        self,
+        media_id: str,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> None:
+        """Metadata that ``cp -a`` and ``rsync -a`` restore."""
+        with self.db.transaction() as s:
+            media = s.get(Media, media_id)
+            if media is None:
+                raise NotFound(f"no media {media_id}")
+            if mode is not None:
+                media.mode = mode & 0o7777
+            if uid is not None:
+                media.uid = uid
+            if gid is not None:
+                media.gid = gid
+            if atime_ns is not None:
+                media.atime_ns = atime_ns
+            if mtime_ns is not None:
+                media.mtime_ns = mtime_ns
+            media.ctime_ns = time.time_ns()
+
+    def delete_orphan_files(self, removed: list[tuple[str, str]]) -> None:
+        """Delete the backing files of media whose rows are already gone."""
+        for media_id, volume in removed:
+            self.backing.remove(volume, media_id)
+
+
+class XAttrs:
+    """User extended attributes of pools and media, kept in the catalog."""
+
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    def set(self, owner_id: str, name: str, value: bytes) -> None:
+        with self.db.transaction() as s:
+            row = s.get(XAttr, (owner_id, name))
+            if row is None:
+                s.add(XAttr(owner_id=owner_id, name=name, value=value))
+            else:
+                row.value = value
+
+    def remove(self, owner_id: str, name: str) -> bool:
+        with self.db.transaction() as s:
+            row = s.get(XAttr, (owner_id, name))
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
+    def of_many(self, owner_ids: list[str]) -> dict[str, dict[str, bytes]]:
+        """Attributes of many owners at once (a mount loads every pool's at start)."""
+        found: dict[str, dict[str, bytes]] = {}
+        with self.db.transaction() as s:
+            rows = s.execute(select(XAttr.owner_id, XAttr.name, XAttr.value))
+            wanted = set(owner_ids)
+            for owner, name, value in rows:
+                if owner in wanted:
+                    found.setdefault(owner, {})[name] = value
+        return found
+
+    def of(self, owner_id: str) -> dict[str, bytes]:
+        with self.db.transaction() as s:
+            rows = s.execute(select(XAttr.name, XAttr.value).where(XAttr.owner_id == owner_id))
+            return {name: value for name, value in rows}

@@ -1,0 +1,313 @@
+"""Pool rules: the tree, names, quotas, removal."""
+
+import time
+from collections.abc import Callable
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from velocityfs.catalog.database import Database
+from velocityfs.catalog.models import Grant, Media, Pool, Share, XAttr
+from velocityfs.errors import (
+    Conflict,
+    InvalidValue,
+    NotEmpty,
+    NotFound,
+    QuotaAboveAncestor,
+    QuotaBelowUsage,
+)
+from velocityfs.service.ledger import chain_ids, charge, lock_chains, room
+from velocityfs.service.names import check_name
+from velocityfs.service.views import PoolView
+
+MIB = 1 << 20
+
+
+def pool_view(pool: Pool) -> PoolView:
+    return PoolView(
+        id=pool.id,
+        parent_id=pool.parent_id,
+        name=pool.name,
+        quota_bytes=pool.quota_bytes,
+        used_bytes=pool.used_bytes,
+        mode=pool.mode,
+        uid=pool.uid,
+        gid=pool.gid,
+        mtime_ns=pool.mtime_ns,
+        ctime_ns=pool.ctime_ns,
+    )
+
+
+def name_taken(session: Session, pool_id: str, name: str) -> bool:
+    """Pools and media share one namespace inside a pool, as in a directory."""
+    sub = session.execute(
+        select(Pool.id).where(Pool.parent_id == pool_id, Pool.name == name)
+    ).first()
+    if sub is not None:
+        return True
+    med = session.execute(
+        select(Media.id).where(Media.pool_id == pool_id, Media.name == name)
+    ).first()
+    return med is not None
+
+
+def check_quota_fits(chain: list[Pool], quota: int | None) -> None:
+    """A pool's quota may not exceed any ancestor's (``chain`` ends with the parent)."""
+    if quota is None:
+        return
+    if quota < 0:
+        raise InvalidValue("quota must not be negative")
+    for ancestor in chain:
+        if ancestor.quota_bytes is not None and quota > ancestor.quota_bytes:
+            raise QuotaAboveAncestor(
+                f"quota {quota} exceeds the quota {ancestor.quota_bytes} of pool '{ancestor.name}'"
+            )
+
+
+def _max_child_quota(session: Session, pool_id: str) -> int | None:
+    """The largest quota set anywhere below ``pool_id`` (recursive)."""
+    largest: int | None = None
+    frontier = [pool_id]
+    while frontier:
+        rows = session.execute(
+            select(Pool.id, Pool.quota_bytes).where(Pool.parent_id.in_(frontier))
+        ).all()
+        frontier = [r[0] for r in rows]
+        for _id, quota in rows:
+            if quota is not None and (largest is None or quota > largest):
+                largest = quota
+    return largest
+
+
+def subtree_ids(session: Session, pool_id: str) -> list[str]:
+    """``pool_id`` and every pool below it, parents before children."""
+    ids = [pool_id]
+    frontier = [pool_id]
+    while frontier:
+        frontier = list(
+            session.execute(select(Pool.id).where(Pool.parent_id.in_(frontier))).scalars()
+        )
+        ids.extend(frontier)
+    return ids
+
+
+class PoolService:
+    """Pool operations; each public method is one transaction."""
+
+    def __init__(self, database: Database, on_media_removed: Callable[[list], None]) -> None:
+        self.db = database
+        self._on_media_removed = on_media_removed
+
+    def create(
+        self,
+        parent_id: str | None,
+        name: str,
+        quota_bytes: int | None,
+        *,
+        mode: int = 0o755,
+        uid: int = 0,
+        gid: int = 0,
+    ) -> PoolView:
+        """Create a pool; a root pool needs a quota, a subpool inherits its parent's limit."""
+        check_name(name, "pool name")
+        now = time.time_ns()
+        with self.db.transaction() as s:
+            if parent_id is None:
+                if quota_bytes is None:
+                    raise InvalidValue("a root pool needs a quota")
+                if quota_bytes < 0:
+                    raise InvalidValue("quota must not be negative")
+                taken = s.execute(
+                    select(Pool.id).where(Pool.parent_id.is_(None), Pool.name == name)
+                ).first()
+                if taken is not None:
+                    raise Conflict(f"a root pool named '{name}' exists")
+            else:
+                (chain,) = lock_chains(s, parent_id)
+                check_quota_fits(chain, quota_bytes)
+                if name_taken(s, parent_id, name):
+                    raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
+                chain[-1].mtime_ns = chain[-1].ctime_ns = now
+            pool = Pool(
+                parent_id=parent_id,
+                name=name,
+                quota_bytes=quota_bytes,
+                used_bytes=0,
+                mode=mode,
+                uid=uid,
+                gid=gid,
+                mtime_ns=now,
+                ctime_ns=now,
+            )
+            s.add(pool)
+            s.flush()
+            return pool_view(pool)
+
+    def get(self, pool_id: str) -> PoolView:
+        with self.db.transaction() as s:
+            pool = s.get(Pool, pool_id)
+            if pool is None:
+                raise NotFound(f"no pool {pool_id}")
+            return pool_view(pool)
+
+    def all(self) -> list[PoolView]:
+        with self.db.transaction() as s:
+            return [pool_view(p) for p in s.execute(select(Pool)).scalars()]
+
+    def resolve(self, path: str) -> PoolView:
+        """A pool by its path of names from the root, e.g. ``tenants/acme``."""
+        parts = [p for p in path.strip("/").split("/") if p]
+        if not parts:
+            raise NotFound("empty pool path")
+        with self.db.transaction() as s:
+            parent: str | None = None
+            pool = None
+            for part in parts:
+                cond = Pool.parent_id.is_(None) if parent is None else Pool.parent_id == parent
+                pool = s.execute(select(Pool).where(cond, Pool.name == part)).scalar_one_or_none()
+                if pool is None:
+                    raise NotFound(f"no pool '{path}'")
+                parent = pool.id
+            assert pool is not None
+            return pool_view(pool)
+
+    def path(self, pool_id: str) -> str:
+        with self.db.transaction() as s:
+            names = [s.get(Pool, pid).name for pid in chain_ids(s, pool_id)]  # type: ignore[union-attr]
+            return "/".join(names)
+
+    def available(self, pool_id: str) -> int:
+        """The room really left: the minimum over the pool and all its ancestors."""
+        with self.db.transaction() as s:
+            (chain,) = lock_chains(s, pool_id)
+            return room(chain)
+
+    def set_quota(self, pool_id: str, quota_bytes: int | None) -> PoolView:
+        """Change a quota; refused above an ancestor's, below a subpool's, or below usage."""
+        with self.db.transaction() as s:
+            (chain,) = lock_chains(s, pool_id)
+            pool = chain[-1]
+            if quota_bytes is None:
+                if pool.parent_id is None:
+                    raise InvalidValue("a root pool needs a quota")
+            else:
+                check_quota_fits(chain[:-1], quota_bytes)
+                if quota_bytes < pool.used_bytes:
+                    raise QuotaBelowUsage(
+                        f"pool '{pool.name}' uses {pool.used_bytes} bytes, more than {quota_bytes}"
+                    )
+                child_max = _max_child_quota(s, pool_id)
+                if child_max is not None and child_max > quota_bytes:
+                    raise QuotaAboveAncestor(
+                        f"a subpool of '{pool.name}' has a quota of {child_max}, "
+                        f"more than {quota_bytes}"
+                    )
+            pool.quota_bytes = quota_bytes
+            pool.ctime_ns = time.time_ns()
+            return pool_view(pool)
+
+    def set_attrs(
+        self,
+        pool_id: str,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> PoolView:
+        """Directory metadata that ``cp -a`` and ``rsync -a`` restore."""
+        with self.db.transaction() as s:
+            pool = s.get(Pool, pool_id)
+            if pool is None:
+                raise NotFound(f"no pool {pool_id}")
+            if mode is not None:
+                pool.mode = mode & 0o7777
+            if uid is not None:
+                pool.uid = uid
+            if gid is not None:
+                pool.gid = gid
+            if mtime_ns is not None:
+                pool.mtime_ns = mtime_ns
+            pool.ctime_ns = time.time_ns()
+            return pool_view(pool)
+
+    def rename(self, pool_id: str, new_parent_id: str, new_name: str) -> PoolView:
+        """Rename or move a subpool; its usage moves with it and must fit the new chain."""
+        check_name(new_name, "pool name")
+        with self.db.transaction() as s:
+            pool = s.get(Pool, pool_id)
+            if pool is None:
+                raise NotFound(f"no pool {pool_id}")
+            if pool.parent_id is None:
+                raise InvalidValue("root pools cannot be renamed or moved")
+            if pool_id in chain_ids(s, new_parent_id):
+                raise InvalidValue("a pool cannot move below itself")
+            old_chain, new_chain = lock_chains(s, pool.parent_id, new_parent_id)
+            if name_taken(s, new_parent_id, new_name):
+                raise Conflict(f"'{new_name}' already exists in pool '{new_chain[-1].name}'")
+            if pool.parent_id != new_parent_id:
+                check_quota_fits(new_chain, pool.quota_bytes)
+                charge(old_chain, -pool.used_bytes)
+                charge(new_chain, pool.used_bytes)
+            now = time.time_ns()
+            old_chain[-1].mtime_ns = new_chain[-1].mtime_ns = now
+            pool.parent_id = new_parent_id
+            pool.name = new_name
+            pool.ctime_ns = now
+            return pool_view(pool)
+
+    def remove(self, pool_id: str, *, recursive: bool = False) -> None:
+        """Remove a pool; with ``recursive`` also its subpools and media (the API's DELETE).
+
+        Usage of the removed subtree is returned to the ancestors in the same
+        transaction; backing files are deleted after the commit.
+        """
+        with self.db.transaction() as s:
+            pool = s.get(Pool, pool_id)
+            if pool is None:
+                raise NotFound(f"no pool {pool_id}")
+            ids = subtree_ids(s, pool_id)
+            media_rows = s.execute(
+                select(Media.id, Media.volume).where(Media.pool_id.in_(ids))
+            ).all()
+            if not recursive and (len(ids) > 1 or media_rows):
+                raise NotEmpty(f"pool '{pool.name}' is not empty")
+            if pool.parent_id is not None:
+                (chain,) = lock_chains(s, pool.parent_id)
+                charge(chain, -pool.used_bytes)
+                chain[-1].mtime_ns = time.time_ns()
+            media_ids = [m[0] for m in media_rows]
+            s.execute(delete(XAttr).where(XAttr.owner_id.in_(ids + media_ids)))
+            s.execute(delete(Grant).where(Grant.pool_id.in_(ids)))
+            s.execute(delete(Share).where(Share.pool_id.in_(ids)))
+            s.execute(delete(Media).where(Media.pool_id.in_(ids)))
+            for pid in reversed(ids):
+                s.execute(delete(Pool).where(Pool.id == pid))
+        self._on_media_removed([(mid, vol) for mid, vol in media_rows])
+
+    def capacity(self) -> tuple[int, int]:
+        """Total quota and usage of the root pools: what ``df`` on the mount shows."""
+        with self.db.transaction() as s:
+            quota, used = s.execute(
+                select(func.sum(Pool.quota_bytes), func.sum(Pool.used_bytes)).where(
+                    Pool.parent_id.is_(None)
+                )
+            ).one()
+            return int(quota or 0), int(used or 0)
+
+    def media_count(self, pool_id: str) -> int:
+        with self.db.transaction() as s:
+            return s.execute(
+                select(func.count()).select_from(Media).where(Media.pool_id == pool_id)
+            ).scalar_one()
+
+
+def mib_to_bytes(mib: int | float | str) -> int:
+    """Quota and size arguments are MiB in the API and CLI; the catalog keeps bytes."""
+    try:
+        value = float(mib)
+    except (TypeError, ValueError) as exc:
+        raise InvalidValue(f"not a number of MiB: {mib!r}") from exc
+    if value < 0 or value != value:
+        raise InvalidValue(f"MiB must be a non-negative number: {mib!r}")
+    return int(value * MIB)

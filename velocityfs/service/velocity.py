@@ -1,0 +1,113 @@
+"""The service facade: one object per process that adapters call into."""
+
+import os
+from dataclasses import dataclass
+
+from sqlalchemy import inspect
+
+from velocityfs.catalog.database import Database
+from velocityfs.catalog.schema import upgrade
+from velocityfs.errors import VelocityError
+from velocityfs.service.accounts import DEFAULT_AUTHKEY_LIFETIME_S, AccountService
+from velocityfs.service.ledger import Ledger
+from velocityfs.service.media import MediaService, XAttrs
+from velocityfs.service.pools import PoolService
+from velocityfs.service.views import PoolView
+from velocityfs.store.backing import BackingStore
+
+
+class NotInitialised(VelocityError):
+    """The catalog has no schema yet: ``velocityfs init`` was not run."""
+
+
+@dataclass(frozen=True)
+class TreeRow:
+    """One line of the pool tree: a pool, its depth and path."""
+
+    depth: int
+    path: str
+    pool: PoolView
+
+
+class Velocity:
+    """The catalog, the backing store and every rule on them."""
+
+    def __init__(
+        self,
+        catalog_url: str,
+        store_top: str | os.PathLike[str],
+        *,
+        authkey_lifetime_s: int = DEFAULT_AUTHKEY_LIFETIME_S,
+    ) -> None:
+        self.db = Database(catalog_url)
+        self.backing = BackingStore(store_top)
+        self.ledger = Ledger(self.db)
+        self.media = MediaService(self.db, self.backing)
+        self.pools = PoolService(self.db, on_media_removed=self.media.delete_orphan_files)
+        self.accounts = AccountService(self.db, authkey_lifetime_s)
+        self.xattrs = XAttrs(self.db)
+
+    def init(self) -> None:
+        """Create or upgrade the catalog and the store layout; harmless to repeat."""
+        self.backing.ensure_layout()
+        upgrade(self.db.engine)
+        self.accounts.ensure_root_group()
+
+    def require_initialised(self) -> None:
+        if not inspect(self.db.engine).has_table("pools"):
+            raise NotInitialised(
+                f"catalog {self.db.engine.url!r} is not initialised: run 'velocityfs init'"
+            )
+        if not (self.backing.top / "media").is_dir():
+            raise NotInitialised(f"store {self.backing.top} has no media/: run 'velocityfs init'")
+
+    def tree(self) -> list[TreeRow]:
+        """Every pool, depth-first by name, with its path."""
+        pools = self.pools.all()
+        children: dict[str | None, list[PoolView]] = {}
+        for pool in pools:
+            children.setdefault(pool.parent_id, []).append(pool)
+        rows: list[TreeRow] = []
+
+        def walk(parent: str | None, depth: int, prefix: str) -> None:
+            for pool in sorted(children.get(parent, []), key=lambda p: p.name):
+                path = f"{prefix}{pool.name}"
+                rows.append(TreeRow(depth, path, pool))
+                walk(pool.id, depth + 1, path + "/")
+
+        walk(None, 0, "")
+        return rows
+
+    def pool_by_ref(self, ref: str) -> PoolView:
+        """A pool by id, or by path of names (``tenants/acme``)."""
+        try:
+            return self.pools.get(ref)
+        except VelocityError:
+            return self.pools.resolve(ref)
+
+    def reclaim_dead_holders(self) -> int:
+        """Return the grants of crashed processes on this host, keeping bytes they wrote.
+
+        Each media a dead writer held a grant on is settled to its backing
+        file's size (never above what the grant allowed; a longer file is cut
+        back to the charged size).
+        """
+        reclaimed = 0
+        for holder_id in self.ledger.dead_holders():
+            sizes: dict[str, int] = {}
+            for _grant_id, media_id in self.ledger.stale_grants([holder_id]):
+                if media_id is None:
+                    continue
+                media = self.media.get(media_id)
+                size = self.backing.size(media.volume, media_id)
+                if size is not None:
+                    sizes[media_id] = size
+            reclaimed += self.ledger.reclaim(holder_id, sizes)
+            for media_id, size in sizes.items():
+                media = self.media.get(media_id)
+                if size > media.size:
+                    os.truncate(media.backing_path, media.size)
+        return reclaimed
+
+    def close(self) -> None:
+        self.db.dispose()

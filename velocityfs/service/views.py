@@ -1,0 +1,42 @@
+"""Plain snapshots of catalog rows that leave the service layer.
+
+Adapters receive these instead of ORM objects, so no adapter can lazily
+reach back into SQL.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PoolView:
+    """A pool as adapters see it."""
+
+    id: str
+    parent_id: str | None
+    name: str
+    quota_bytes: int | None
+    used_bytes: int
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+@dataclass
+class MediaView:
+    """A media as adapters see it, with the path of its backing file."""
+
+    id: str
+    pool_id: str
+    name: str
+    size: int
+    volume: str
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    backing_path: str = ""
+    xattrs: dict[str, bytes] = field(default_factory=dict)
