@@ -29,6 +29,12 @@ DEMO_POOLS = (
     show_default=True,
     help="Seconds the kernel may cache names and attributes.",
 )
+@click.option(
+    "--api",
+    "api_bind",
+    metavar="HOST:PORT",
+    help="Also serve the HTTP API in this process (e.g. 127.0.0.1:8080).",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 @pass_ctx
 @service_errors
@@ -38,6 +44,7 @@ def mount(
     allow_other: bool,
     default_permissions: bool,
     attr_timeout: float,
+    api_bind: str | None,
     log_level: str,
 ) -> None:
     """Mount the store at MOUNTPOINT in the foreground; Ctrl-C or SIGTERM unmounts."""
@@ -50,7 +57,28 @@ def mount(
         allow_other=allow_other,
         default_permissions=default_permissions,
         attr_timeout=attr_timeout,
+        api_bind=api_bind,
     )
+
+
+@click.command()
+@click.option(
+    "--listen",
+    "bind",
+    default="127.0.0.1:8080",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Address to serve the API on.",
+)
+@click.option("--log-level", default="INFO", show_default=True)
+@pass_ctx
+@service_errors
+def serve(ctx: Context, bind: str, log_level: str) -> None:
+    """Serve the HTTP API alone against the catalog (no mount in this process)."""
+    from velocityfs.api.server import run_standalone
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    run_standalone(ctx.velocity(), bind)
 
 
 @click.command()

@@ -334,6 +334,7 @@ def share(
 
 main.add_command(daemon.mount)
 main.add_command(daemon.demo)
+main.add_command(daemon.serve)
 
 if __name__ == "__main__":
     main()

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from velocityfs.api.server import serve_api
 from velocityfs.fs.operations import VelocityOperations
 from velocityfs.service.velocity import Velocity
+from velocityfs.threads import Offload, threads_for
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +41,7 @@ def raise_read_ahead(mountpoint: str) -> None:
         log.info("could not raise read-ahead (%s); reads stay at 128 KiB", exc)
 
 
-async def _serve(
-    ops: VelocityOperations,
-    mountpoint: str,
-    extra: Callable[[trio.Nursery], Awaitable[None]] | None,
-) -> None:
+async def _serve(ops: VelocityOperations, mountpoint: str, api_bind: str | None) -> None:
     async with trio.open_nursery() as nursery:
 
         async def watch_signals() -> None:
@@ -54,8 +52,12 @@ async def _serve(
                     return
 
         nursery.start_soon(watch_signals)
-        if extra is not None:
-            await extra(nursery)
+        if api_bind is not None:
+            await nursery.start(
+                functools.partial(
+                    serve_api, ops.v, ops.offload, ops.holder_id, api_bind, mirror=ops
+                )
+            )
 
         async def announce() -> None:
             await trio.to_thread.run_sync(raise_read_ahead, mountpoint)
@@ -74,7 +76,7 @@ def run_mount(
     allow_other: bool = False,
     default_permissions: bool = False,
     attr_timeout: float = 1.0,
-    extra: Callable[[trio.Nursery], Awaitable[None]] | None = None,
+    api_bind: str | None = None,
 ) -> None:
     """Mount and serve until unmounted or signalled; grants are settled on the way out."""
     velocity.require_initialised()
@@ -82,11 +84,12 @@ def run_mount(
     if reclaimed:
         log.warning("reclaimed %d grant(s) left by a crashed process", reclaimed)
     holder = velocity.ledger.register_holder()
+    offload = Offload(threads_for(velocity.db.is_sqlite))
     ops = VelocityOperations(
         velocity,
         holder,
+        offload=offload,
         attr_timeout=attr_timeout,
-        sql_threads=1 if velocity.db.is_sqlite else 4,
     )
     ops.load()
     pyfuse3.init(
@@ -95,7 +98,7 @@ def run_mount(
         mount_options(allow_other=allow_other, default_permissions=default_permissions),
     )
     try:
-        trio.run(_serve, ops, mountpoint, extra)
+        trio.run(_serve, ops, mountpoint, api_bind)
     finally:
         pyfuse3.close(unmount=True)
         velocity.ledger.retire_holder(holder)

@@ -8,8 +8,8 @@ transaction never stalls the trio loop that serves FUSE and HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import functools
 import logging
 import os
 import time
@@ -25,6 +25,8 @@ from velocityfs.fs.errno_map import errno_of
 from velocityfs.fs.nodes import DirNode, Inodes, MediaNode, Node, blocks_of
 from velocityfs.service.pools import mib_to_bytes
 from velocityfs.service.velocity import Velocity
+from velocityfs.service.views import MediaView, PoolView
+from velocityfs.threads import Offload
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +69,14 @@ class VelocityOperations(pyfuse3.Operations):
         velocity: Velocity,
         holder_id: str,
         *,
+        offload: Offload,
         attr_timeout: float = 1.0,
-        sql_threads: int = 1,
     ) -> None:
         super().__init__()
         self.v = velocity
         self.holder_id = holder_id
         self.attr_timeout = attr_timeout
-        self.sql_limiter = trio.CapacityLimiter(sql_threads)
+        self.offload = offload
         now = time.time_ns()
         root = DirNode(
             ino=pyfuse3.ROOT_INODE,
@@ -115,9 +117,7 @@ class VelocityOperations(pyfuse3.Operations):
     async def sql(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a service call off the trio thread; service refusals become errno."""
         try:
-            return await trio.to_thread.run_sync(
-                functools.partial(fn, *args, **kwargs), limiter=self.sql_limiter
-            )
+            return await self.offload(fn, *args, **kwargs)
         except VelocityError as exc:
             raise fuse_error(errno_of(exc)) from exc
         except pyfuse3.FUSEError:
@@ -368,11 +368,8 @@ class VelocityOperations(pyfuse3.Operations):
                 raise fuse_error(errno.ENOSPC)
             need = end - node.charged
             try:
-                reservation = await trio.to_thread.run_sync(
-                    functools.partial(
-                        self.v.ledger.reserve, node.media_id, self.holder_id, need, partial=partial
-                    ),
-                    limiter=self.sql_limiter,
+                reservation = await self.offload(
+                    self.v.ledger.reserve, node.media_id, self.holder_id, need, partial=partial
                 )
             except QuotaExceeded as exc:
                 if partial:
@@ -608,3 +605,47 @@ class VelocityOperations(pyfuse3.Operations):
         for handle in list(self.handles.values()):
             if not handle.node.deleted:
                 await self.settle(handle.node, release_grant=True)
+
+    # changes made by the in-process API ------------------------------------
+    async def _forget_entry(self, parent: DirNode, name: str, ino: int) -> None:
+        """Drop the kernel's cached entry; from a thread, as a call on the loop deadlocks."""
+
+        def invalidate() -> None:
+            with contextlib.suppress(OSError):
+                pyfuse3.invalidate_entry(parent.ino, os.fsencode(name), deleted=ino)
+
+        await trio.to_thread.run_sync(invalidate)
+
+    async def pool_added(self, view: PoolView) -> None:
+        parent = self.inodes.by_pool.get(view.parent_id or "")
+        if parent is not None and view.name not in parent.children:
+            self.inodes.add_pool(parent, view, {})
+
+    async def media_added(self, view: MediaView) -> None:
+        parent = self.inodes.by_pool.get(view.pool_id)
+        if parent is not None and view.name not in parent.children:
+            self.inodes.add_media(parent, view)
+
+    async def media_removed(self, media_id: str) -> None:
+        node = self.inodes.by_media.get(media_id)
+        if node is None or node.parent is None:
+            return
+        parent, name = node.parent, node.name
+        self.inodes.detach(node)
+        await self._forget_entry(parent, name, node.ino)
+
+    async def pool_removed(self, pool_id: str) -> None:
+        """A pool deleted with all its contents: drop the whole subtree."""
+        node = self.inodes.by_pool.get(pool_id)
+        if node is None or node.parent is None:
+            return
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            for child in list(current.children.values()):
+                if isinstance(child, DirNode):
+                    stack.append(child)
+                else:
+                    self.inodes.detach(child)
+            self.inodes.detach(current)
+        await self._forget_entry(node.parent, node.name, node.ino)

@@ -197,6 +197,42 @@ class Ledger:
                     )
                 )
 
+    def reserve_in_pool(
+        self, pool_id: str, holder_id: str, need: int, grant_id: str | None = None
+    ) -> str:
+        """Reserve exactly ``need`` bytes in a pool for media that does not exist yet.
+
+        Uploads use this: the room is charged before the bytes arrive and the
+        grant is adopted by the media row when the upload completes. Returns the
+        grant id (``grant_id`` when growing an existing grant).
+        """
+        with self.db.transaction() as s:
+            (chain,) = lock_chains(s, pool_id)
+            charge(chain, need)
+            grant = s.get(Grant, grant_id) if grant_id else None
+            if grant is None:
+                grant = Grant(
+                    pool_id=pool_id,
+                    media_id=None,
+                    holder_id=holder_id,
+                    bytes=0,
+                    created_ns=time.time_ns(),
+                )
+                s.add(grant)
+            grant.bytes += need
+            s.flush()
+            return grant.id
+
+    def release(self, grant_id: str) -> None:
+        """Hand a grant's room back to its pool chain (an aborted upload)."""
+        with self.db.transaction() as s:
+            grant = s.get(Grant, grant_id)
+            if grant is None:
+                return
+            (chain,) = lock_chains(s, grant.pool_id)
+            charge(chain, -grant.bytes)
+            s.delete(grant)
+
     def register_holder(self) -> str:
         """Record this process as a grant holder and return its id."""
         now = time.time_ns()

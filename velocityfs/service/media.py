@@ -1,5 +1,6 @@
 """Media rules: creation with placement on a volume, removal, renames and moves."""
 
+import os
 import time
 from collections.abc import Callable
 
@@ -100,6 +101,58 @@ class MediaService:
             if created:
                 self.backing.remove(volume, media.id)
             raise
+
+    def adopt_upload(
+        self,
+        grant_id: str,
+        pool_id: str,
+        media_id: str,
+        volume: str,
+        name: str,
+        size: int,
+        upload_path: str,
+    ) -> MediaView:
+        """Turn a finished upload into media in one transaction.
+
+        The upload's grant already charged the room; the unused part goes back.
+        The file is renamed into place before the commit, so the media appears
+        with all its bytes or not at all.
+        """
+        check_name(name, "file name")
+        now = time.time_ns()
+        with self.db.transaction() as s:
+            (chain,) = lock_chains(s, pool_id)
+            if name_taken(s, pool_id, name):
+                raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
+            grant = s.get(Grant, grant_id)
+            held = grant.bytes if grant is not None else 0
+            charge(chain, size - held)
+            if grant is not None:
+                s.delete(grant)
+            chain[-1].mtime_ns = now
+            media = Media(
+                id=media_id,
+                pool_id=pool_id,
+                name=name,
+                size=size,
+                volume=volume,
+                mode=0o644,
+                uid=0,
+                gid=0,
+                atime_ns=now,
+                mtime_ns=now,
+                ctime_ns=now,
+            )
+            s.add(media)
+            s.flush()
+            final = self.backing.path(volume, media_id)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(upload_path, final)
+            return self.view(media)
+
+    def choose_volume(self, pool_id: str, name: str) -> str:
+        """The volume that new media of this pool and name goes to."""
+        return self._choose_volume(pool_id, name)
 
     def get(self, media_id: str) -> MediaView:
         with self.db.transaction() as s:

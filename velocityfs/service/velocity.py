@@ -103,6 +103,7 @@ class Velocity:
                 if size is not None:
                     sizes[media_id] = size
             reclaimed += self.ledger.reclaim(holder_id, sizes)
+            self.backing.discard_uploads(holder_id)
             for media_id, size in sizes.items():
                 media = self.media.get(media_id)
                 if size > media.size:

@@ -41,6 +41,24 @@ class BackingStore:
             os.close(fd)
         return path
 
+    def upload_path(self, volume: str, holder_id: str, media_id: str) -> Path:
+        """Where an upload streams before it is complete: beside the final file, same disk.
+
+        Each process uploads into a directory of its own, so the leftovers of a
+        crashed one can be removed without touching another's uploads.
+        """
+        return self.volume_dir(volume) / "media" / ".uploads" / holder_id / media_id
+
+    def discard_uploads(self, holder_id: str) -> None:
+        """Remove unfinished uploads of a (dead or retiring) holder on every volume."""
+        dirs = [self.top / "media" / ".uploads" / holder_id]
+        dirs += (self.top / "vol").glob(f"*/media/.uploads/{holder_id}")
+        for directory in dirs:
+            if directory.is_dir():
+                for leftover in directory.iterdir():
+                    leftover.unlink(missing_ok=True)
+                directory.rmdir()
+
     def remove(self, volume: str, media_id: str) -> None:
         self.path(volume, media_id).unlink(missing_ok=True)
 

@@ -1,0 +1,71 @@
+"""Serve the shim with Hypercorn's trio worker, inside whatever trio loop runs it.
+
+Hypercorn streams request bodies with back-pressure (a 1 GiB PUT stays
+near 40 MiB RSS) and runs in the same ``trio.run`` as ``pyfuse3.main()``,
+so the mount and the API share state and see each other's changes at once.
+"""
+
+import logging
+import signal
+import sys
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from velocityfs.api.app import Mirror, create_app
+from velocityfs.service.access import Access
+from velocityfs.service.velocity import Velocity
+from velocityfs.threads import Offload, threads_for
+
+log = logging.getLogger(__name__)
+
+
+def hypercorn_config(bind: str) -> Config:
+    config = Config()
+    config.bind = [bind]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.h11_max_incomplete_size = 64 * 1024
+    return config
+
+
+async def serve_api(
+    velocity: Velocity,
+    offload: Offload,
+    holder_id: str,
+    bind: str,
+    *,
+    mirror: Mirror | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled; reports started once the socket listens."""
+    app = create_app(Access(velocity), offload, holder_id, mirror)
+    # Stopped by cancellation from the caller's nursery; an explicit trigger also
+    # keeps Hypercorn from installing signal handlers of its own.
+    never = trio.Event()
+    log.info("API listening on http://%s", bind)
+    await serve(app, hypercorn_config(bind), shutdown_trigger=never.wait, task_status=task_status)
+
+
+def run_standalone(velocity: Velocity, bind: str) -> None:
+    """``velocityfs serve``: the shim alone, holding grants only while uploads run."""
+    velocity.require_initialised()
+    velocity.reclaim_dead_holders()
+    holder = velocity.ledger.register_holder()
+    offload = Offload(threads_for(velocity.db.is_sqlite))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_api, velocity, offload, holder, bind)
+            print(f"velocityfs: serving http://{bind}", file=sys.stderr, flush=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+    try:
+        trio.run(main)
+    finally:
+        velocity.ledger.retire_holder(holder)
+        velocity.close()

@@ -1,0 +1,185 @@
+"""Operations on behalf of an authenticated user: the rules the API enforces.
+
+Every method takes the caller's authkey, resolves it (AuthenticationFailed),
+finds its target (NotFound) and checks the permission the pool/media API
+names for it (PermissionDenied), then calls the plain services. The HTTP
+shim only translates; it holds no permission rule of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+from velocityfs.errors import Conflict, NotFound, PermissionDenied
+from velocityfs.service.accounts import IssuedKey
+from velocityfs.service.names import check_name
+from velocityfs.service.velocity import Velocity
+from velocityfs.service.views import MediaView, PoolView
+
+VIEW = "velocity.pool.view"
+CREATE = "velocity.pool.create"
+REMOVE = "velocity.pool.remove"
+MEDIA_VIEW = "velocity.pool.media.view"
+MEDIA_CREATE = "velocity.pool.media.create"
+MEDIA_REMOVE = "velocity.pool.media.remove"
+
+
+@dataclass(frozen=True)
+class SharedPool:
+    """A pool as listed for a group: the pool and the group's permissions on it."""
+
+    pool: PoolView
+    quota_bytes: int
+    permissions: list[str]
+
+
+class Access:
+    """The pool and media API's operations, each checked against the caller's shares."""
+
+    def __init__(self, velocity: Velocity) -> None:
+        self.v = velocity
+
+    # authkeys --------------------------------------------------------------
+    def login(self, name: str, password: str) -> IssuedKey:
+        return self.v.accounts.login(name, password)
+
+    def renew(self, authkey: str) -> IssuedKey:
+        return self.v.accounts.renew(authkey)
+
+    def drop(self, authkey: str) -> None:
+        self.v.accounts.drop(authkey)
+
+    # checks ----------------------------------------------------------------
+    def _require(self, authkey: str, pool_id: str, permission: str) -> str:
+        user_id = self.v.accounts.authenticate(authkey)
+        self.v.pools.get(pool_id)
+        if not self.v.accounts.may(user_id, pool_id, permission):
+            raise PermissionDenied(f"{permission} is not granted on pool {pool_id}")
+        return user_id
+
+    # pools -----------------------------------------------------------------
+    def group_pools(self, authkey: str, group_id: str) -> list[SharedPool]:
+        """Pools shared with a group that carry ``velocity.pool.view``.
+
+        The caller must belong to the group or to the root group.
+        """
+        user_id = self.v.accounts.authenticate(authkey)
+        group_id = self._existing_group(group_id)
+        if group_id not in self.v.accounts.group_ids_of(user_id) and not self.v.accounts.is_root(
+            user_id
+        ):
+            raise PermissionDenied("the caller is not a member of that group")
+        listed = []
+        for share in self.v.accounts.shares_of_group(group_id):
+            if VIEW not in share.permissions:
+                continue
+            pool = self.v.pools.get(share.pool_id)
+            listed.append(
+                SharedPool(pool, self.v.pools.effective_quota(pool.id), share.permissions)
+            )
+        return sorted(listed, key=lambda s: s.pool.name)
+
+    def _existing_group(self, group_id: str) -> str:
+        for gid, name in self.v.accounts.groups():
+            if group_id in (gid, name):
+                return gid
+        raise NotFound(f"no group {group_id}")
+
+    def create_pool(
+        self, authkey: str, parent_id: str, name: str, quota_bytes: int | None
+    ) -> PoolView:
+        self._require(authkey, parent_id, CREATE)
+        return self.v.pools.create(parent_id, name, quota_bytes)
+
+    def remove_pool(self, authkey: str, pool_id: str) -> None:
+        """Remove a pool, its subpools and all their media (the API's DELETE /p)."""
+        self._require(authkey, pool_id, REMOVE)
+        self.v.pools.remove(pool_id, recursive=True)
+
+    # media -----------------------------------------------------------------
+    def list_media(self, authkey: str, pool_id: str) -> list[MediaView]:
+        self._require(authkey, pool_id, MEDIA_VIEW)
+        return self.v.media.in_pool(pool_id)
+
+    def create_media(self, authkey: str, pool_id: str, name: str, size: int) -> MediaView:
+        self._require(authkey, pool_id, MEDIA_CREATE)
+        return self.v.media.create(pool_id, name, size=size)
+
+    def remove_media(self, authkey: str, media_id: str) -> MediaView:
+        user_id = self.v.accounts.authenticate(authkey)
+        media = self.v.media.get(media_id)
+        if not self.v.accounts.may(user_id, media.pool_id, MEDIA_REMOVE):
+            raise PermissionDenied(f"{MEDIA_REMOVE} is not granted on pool {media.pool_id}")
+        self.v.media.remove(media_id)
+        return media
+
+    def begin_upload(
+        self, authkey: str, pool_id: str, name: str, holder_id: str, length: int | None
+    ) -> Upload:
+        """Check everything that can be checked before a byte is read.
+
+        A declared length is reserved in full up front, so a body that cannot
+        fit is refused before reading it.
+        """
+        self._require(authkey, pool_id, MEDIA_CREATE)
+        check_name(name, "file name")
+        if self.v.pools.name_taken(pool_id, name):
+            raise Conflict(f"'{name}' already exists in that pool")
+        upload = Upload(self.v, pool_id, name, holder_id)
+        if length:
+            upload.reserve(length)
+        return upload
+
+
+class Upload:
+    """A media upload in flight: a temporary file and a grant that grows with it."""
+
+    def __init__(self, velocity: Velocity, pool_id: str, name: str, holder_id: str) -> None:
+        self.v = velocity
+        self.pool_id = pool_id
+        self.name = name
+        self.holder_id = holder_id
+        self.media_id = str(uuid.uuid4())
+        self.volume = velocity.media.choose_volume(pool_id, name)
+        self.path = velocity.backing.upload_path(self.volume, holder_id, self.media_id)
+        self.grant_id: str | None = None
+        self.reserved = 0
+
+    def open(self) -> int:
+        """Create the temporary file; the caller writes the body into the descriptor."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def reserve(self, need: int) -> None:
+        """Grow the grant by ``need`` bytes or raise QuotaExceeded (the API's 413)."""
+        self.grant_id = self.v.ledger.reserve_in_pool(
+            self.pool_id, self.holder_id, need, self.grant_id
+        )
+        self.reserved += need
+
+    def commit(self, size: int) -> MediaView:
+        assert self.grant_id is not None or size == 0
+        if self.grant_id is None:
+            self.grant_id = self.v.ledger.reserve_in_pool(self.pool_id, self.holder_id, 0)
+        try:
+            return self.v.media.adopt_upload(
+                self.grant_id,
+                self.pool_id,
+                self.media_id,
+                self.volume,
+                self.name,
+                size,
+                str(self.path),
+            )
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Leave nothing behind: no file, no grant, no media."""
+        self.path.unlink(missing_ok=True)
+        if self.grant_id is not None:
+            self.v.ledger.release(self.grant_id)
+            self.grant_id = None
