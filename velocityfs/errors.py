@@ -45,6 +45,10 @@ class NotEmpty(VelocityError):
     """A pool still has subpools or media."""
 
 
+class Busy(VelocityError):
+    """The target is in use (open for writing, holds media) or lacks room for the move."""
+
+
 class PermissionDenied(VelocityError):
     """The caller lacks the permission the operation needs."""
 

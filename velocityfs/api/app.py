@@ -12,10 +12,11 @@ import logging
 import os
 import time
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 import trio
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -67,6 +68,11 @@ def status_of(exc: errors.VelocityError) -> int:
         if isinstance(exc, kind):
             return status
     return 500
+
+
+def masked(path: str) -> str:
+    """A request path fit for a log: upload paths carry the authkey."""
+    return "/p/media/<authkey>/..." if path.startswith("/p/media/") else path
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -232,6 +238,14 @@ class Shim:
         authkey = request.path_params["authkey"]
         pid = request.path_params["pid"]
         name = request.path_params["filename"]
+        raw_path = request.scope.get("raw_path")
+        if raw_path is not None:
+            # The server decodes %-escapes leniently (invalid UTF-8 becomes U+FFFD);
+            # a name must not be silently replaced by another one.
+            try:
+                unquote(raw_path.decode("ascii"), errors="strict")
+            except UnicodeError as exc:
+                raise BadRequest("the upload path is not valid UTF-8") from exc
         length = request.headers.get("content-length")
         declared = int(length) if length and length.isdigit() else None
         upload: Upload = await self.call(
@@ -256,6 +270,12 @@ class Shim:
             if declared is not None and written != declared:
                 raise BadRequest(f"the body ended after {written} of {declared} bytes")
             view = await self.call(upload.commit, written)
+        except ClientDisconnect:
+            # A client that goes away mid-body is no server error: clean up quietly.
+            with trio.CancelScope(shield=True):
+                await self.call(upload.abort)
+            log.info("upload of %r into pool %s: the client disconnected", name, pid)
+            return error(400, "the client disconnected before the body was complete")
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.call(upload.abort)
@@ -296,7 +316,7 @@ def create_app(
         return error(status_of(exc), str(exc))
 
     async def failure(request: Request, exc: Exception) -> JSONResponse:
-        log.error("%s %s failed: %r", request.method, request.url.path, exc)
+        log.error("%s %s failed: %r", request.method, masked(request.url.path), exc)
         return error(500, "internal error")
 
     app = Starlette(
@@ -349,13 +369,10 @@ class AccessLog:
 
                 await self.app(scope, tracked_receive, send_and_note)
         finally:
-            path = scope["path"]
-            if path.startswith("/p/media/"):
-                path = "/p/media/<authkey>/..."
             log.info(
                 "%s %s %d %.1fms",
                 scope["method"],
-                path,
+                masked(scope["path"]),
                 state["status"],
                 (time.monotonic() - started) * 1000,
             )

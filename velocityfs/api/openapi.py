@@ -98,12 +98,12 @@ OPENAPI: dict[str, Any] = {
             "patch": {
                 "summary": "Renew an authkey",
                 "requestBody": _body(_AUTH, ["authkey"]),
-                "responses": {"200": _json("Authkey renewed", _KEY), **_errors(403)},
+                "responses": {"200": _json("Authkey renewed", _KEY), **_errors(400, 403)},
             },
             "delete": {
                 "summary": "Drop an authkey",
                 "requestBody": _body(_AUTH, ["authkey"]),
-                "responses": {"200": _json("Dropped", _OBJ), **_errors(403)},
+                "responses": {"200": _json("Dropped", _OBJ), **_errors(400, 403)},
             },
         },
         "/p": {

@@ -3,19 +3,13 @@
 import functools
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
 
+from velocityfs.config import Settings, load
 from velocityfs.errors import VelocityError
 from velocityfs.service.velocity import Velocity
-
-DEFAULT_STORE = "/var/lib/velocityfs"
-
-
-def default_catalog(store: str) -> str:
-    return f"sqlite:///{Path(store).resolve() / 'catalog.sqlite'}"
 
 
 def service_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,16 +27,37 @@ def service_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Context:
-    """Lazily opened service, so ``--help`` never touches the catalog."""
+    """The settings (file, then flags) and a lazily opened service.
 
-    def __init__(self, catalog: str | None, store: str) -> None:
-        self.store = store
-        self.catalog = catalog or default_catalog(store)
+    Nothing touches the configuration or the catalog until a command needs
+    it, so ``--help`` and ``config check`` work on a broken setup.
+    """
+
+    def __init__(self, config: str | None, catalog: str | None, store: str | None) -> None:
+        self.config_path = config
+        self._flags = {"catalog": catalog, "store": store}
+        self._settings: Settings | None = None
         self._velocity: Velocity | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            settings = load(self.config_path)
+            for key, value in self._flags.items():
+                if value is not None:
+                    setattr(settings, key, value)
+            self._settings = settings
+        return self._settings
 
     def velocity(self, *, initialised: bool = True) -> Velocity:
         if self._velocity is None:
-            self._velocity = Velocity(self.catalog, self.store)
+            settings = self.settings
+            self._velocity = Velocity(
+                settings.catalog_url,
+                settings.store,
+                authkey_lifetime_s=settings.authkey_lifetime_s,
+                volume_policy=settings.volume_policy,
+            )
             if initialised:
                 self._velocity.require_initialised()
         return self._velocity

@@ -1,13 +1,16 @@
 """Commands that run the mount daemon, and the demo store of ``./scripts/run``."""
 
+import contextlib
 import logging
 
 import click
 
 from velocityfs.cli.context import Context, pass_ctx, service_errors
 from velocityfs.errors import Conflict
+from velocityfs.service.accounts import PERMISSIONS
 from velocityfs.service.pools import MIB
 
+DEMO_USER = "demo"
 DEMO_POOLS = (
     ("tenants", 10 * 1024),
     ("tenants/acme", 4 * 1024),
@@ -16,18 +19,25 @@ DEMO_POOLS = (
 )
 
 
+def setup_logging(level: str) -> None:
+    """Plain lines on stderr: journald stamps time and unit itself."""
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+
 @click.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False, exists=True))
-@click.option("--allow-other", is_flag=True, help="Let other users (a hypervisor) open media.")
+@click.argument("mountpoint", required=False, type=click.Path(file_okay=False, exists=True))
 @click.option(
-    "--default-permissions", is_flag=True, help="Let the kernel enforce file modes and owners."
+    "--allow-other/--no-allow-other",
+    default=None,
+    help="Let other users (a hypervisor) open media.",
 )
 @click.option(
-    "--attr-timeout",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="Seconds the kernel may cache names and attributes.",
+    "--default-permissions/--no-default-permissions",
+    default=None,
+    help="Let the kernel enforce file modes and owners.",
+)
+@click.option(
+    "--attr-timeout", type=float, help="Seconds the kernel may cache names and attributes."
 )
 @click.option(
     "--api",
@@ -35,65 +45,80 @@ DEMO_POOLS = (
     metavar="HOST:PORT",
     help="Also serve the HTTP API in this process (e.g. 127.0.0.1:8080).",
 )
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--log-level")
 @pass_ctx
 @service_errors
 def mount(
     ctx: Context,
-    mountpoint: str,
-    allow_other: bool,
-    default_permissions: bool,
-    attr_timeout: float,
+    mountpoint: str | None,
+    allow_other: bool | None,
+    default_permissions: bool | None,
+    attr_timeout: float | None,
     api_bind: str | None,
-    log_level: str,
+    log_level: str | None,
 ) -> None:
-    """Mount the store at MOUNTPOINT in the foreground; Ctrl-C or SIGTERM unmounts."""
+    """Mount the store at MOUNTPOINT in the foreground; Ctrl-C or SIGTERM unmounts.
+
+    Unset options come from the configuration file.
+    """
     from velocityfs.fs.daemon import run_mount
 
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    settings = ctx.settings
+    mountpoint = mountpoint or settings.mountpoint
+    if not mountpoint:
+        raise click.UsageError("no MOUNTPOINT given and none in the configuration")
+    setup_logging(log_level or settings.log_level)
     run_mount(
         ctx.velocity(),
         mountpoint,
-        allow_other=allow_other,
-        default_permissions=default_permissions,
-        attr_timeout=attr_timeout,
-        api_bind=api_bind,
+        allow_other=settings.allow_other if allow_other is None else allow_other,
+        default_permissions=(
+            settings.default_permissions if default_permissions is None else default_permissions
+        ),
+        attr_timeout=settings.attr_timeout_s if attr_timeout is None else attr_timeout,
+        api_bind=api_bind or settings.api_listen or None,
     )
 
 
 @click.command()
-@click.option(
-    "--listen",
-    "bind",
-    default="127.0.0.1:8080",
-    show_default=True,
-    metavar="HOST:PORT",
-    help="Address to serve the API on.",
-)
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--listen", "bind", metavar="HOST:PORT", help="Address to serve the API on.")
+@click.option("--log-level")
 @pass_ctx
 @service_errors
-def serve(ctx: Context, bind: str, log_level: str) -> None:
+def serve(ctx: Context, bind: str | None, log_level: str | None) -> None:
     """Serve the HTTP API alone against the catalog (no mount in this process)."""
     from velocityfs.api.server import run_standalone
 
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    run_standalone(ctx.velocity(), bind)
+    setup_logging(log_level or ctx.settings.log_level)
+    run_standalone(ctx.velocity(), bind or ctx.settings.api_listen or "127.0.0.1:8080")
 
 
 @click.command()
 @pass_ctx
 @service_errors
 def demo(ctx: Context) -> None:
-    """Create a few demo pools with quotas (skips those that exist)."""
+    """Create demo pools with quotas and a demo API user (skips what exists).
+
+    User 'demo' (password 'demo') is in group 'demo', which may do everything
+    in 'tenants'.
+    """
     v = ctx.velocity()
     for path, quota_mib in DEMO_POOLS:
         parent_path, _, name = path.rpartition("/")
         parent_id = v.pool_by_ref(parent_path).id if parent_path else None
-        try:
+        with contextlib.suppress(Conflict):
             v.pools.create(parent_id, name, quota_mib * MIB)
-        except Conflict:
-            continue
+    with contextlib.suppress(Conflict):
+        v.accounts.add_user(DEMO_USER, DEMO_USER)
+    with contextlib.suppress(Conflict):
+        v.accounts.add_group(DEMO_USER)
+    with contextlib.suppress(Conflict):
+        v.accounts.add_member(DEMO_USER, DEMO_USER)
+    v.accounts.share(v.pool_by_ref("tenants").id, DEMO_USER, list(PERMISSIONS))
+    click.echo(
+        f"API user '{DEMO_USER}' (password '{DEMO_USER}'), group gid "
+        f"{v.accounts.group_id(DEMO_USER)}, may do everything in 'tenants'"
+    )
     for row in v.tree():
         quota = "inherit" if row.pool.quota_bytes is None else f"{row.pool.quota_bytes // MIB}"
         click.echo(f"{'  ' * row.depth}{row.pool.name}  {row.pool.used_bytes // MIB}/{quota} MiB")

@@ -9,15 +9,22 @@ from typing import Any
 
 import click
 
-from velocityfs.cli import daemon
-from velocityfs.cli.context import DEFAULT_STORE, Context, pass_ctx, service_errors
+from velocityfs.cli import config_cmd, daemon, storage
+from velocityfs.cli.context import Context, pass_ctx, service_errors
 from velocityfs.cli.output import emit_json, emit_table, mib
+from velocityfs.config import DEFAULT_CONFIG, DEFAULT_STORE
 from velocityfs.service.accounts import PERMISSIONS
 from velocityfs.service.pools import mib_to_bytes
 from velocityfs.service.velocity import Velocity
 
 
 @click.group()
+@click.option(
+    "--config",
+    envvar="VELOCITYFS_CONFIG",
+    type=click.Path(dir_okay=False),
+    help=f"Configuration file (default: {DEFAULT_CONFIG} if it exists).",
+)
 @click.option(
     "--catalog",
     envvar="VELOCITYFS_CATALOG",
@@ -27,14 +34,12 @@ from velocityfs.service.velocity import Velocity
 @click.option(
     "--store",
     envvar="VELOCITYFS_STORE",
-    default=DEFAULT_STORE,
-    show_default=True,
-    help="Store top directory (the DEFAULT volume).",
+    help=f"Store top directory, the DEFAULT volume (default: {DEFAULT_STORE}).",
 )
 @click.pass_context
-def main(ctx: click.Context, catalog: str | None, store: str) -> None:
+def main(ctx: click.Context, config: str | None, catalog: str | None, store: str | None) -> None:
     """velocityfs: VM storage pools with hierarchical quotas, as a filesystem and an API."""
-    ctx.obj = Context(catalog, store)
+    ctx.obj = Context(config, catalog, store)
 
 
 @main.command()
@@ -335,6 +340,9 @@ def share(
 main.add_command(daemon.mount)
 main.add_command(daemon.demo)
 main.add_command(daemon.serve)
+main.add_command(storage.volume)
+main.add_command(storage.media)
+main.add_command(config_cmd.config_group)
 
 if __name__ == "__main__":
     main()

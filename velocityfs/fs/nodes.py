@@ -66,16 +66,19 @@ class MediaNode(Node):
     ``settled`` is the size the catalog records; ``charged`` is what the
     ledger charges for it on behalf of this mount (settled size plus our
     grant). Writes up to ``charged`` need no SQL; ``size`` never exceeds it.
+    ``held`` says the catalog has our grant row, which marks the media open
+    for writing here (volume moves wait for it to go).
     """
 
     media_id: str = ""
-    volume: str = ""
-    backing_path: str = ""
+    open_path: str = ""
     size: int = 0
     settled: int = 0
     charged: int = 0
     atime_ns: int = 0
     open_count: int = 0
+    writers: int = 0
+    held: bool = False
     dirty: bool = False
     deleted: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
@@ -92,7 +95,7 @@ class MediaNode(Node):
         self.name = view.name
         self.mode, self.uid, self.gid = view.mode, view.uid, view.gid
         self.atime_ns, self.mtime_ns, self.ctime_ns = view.atime_ns, view.mtime_ns, view.ctime_ns
-        self.volume, self.backing_path = view.volume, view.backing_path
+        self.open_path = view.open_path
         if self.open_count == 0:
             self.size = self.settled = self.charged = view.size
 
@@ -142,8 +145,7 @@ class Inodes:
             ctime_ns=view.ctime_ns,
             xattrs=dict(view.xattrs),
             media_id=view.id,
-            volume=view.volume,
-            backing_path=view.backing_path,
+            open_path=view.open_path,
             size=view.size,
             settled=view.size,
             charged=view.size,
@@ -178,6 +180,6 @@ class Inodes:
 def blocks_of(node: MediaNode) -> int:
     """512-byte blocks really allocated on the backing volume (sparse files show small)."""
     try:
-        return os.stat(node.backing_path).st_blocks
+        return os.stat(node.open_path).st_blocks
     except OSError:
         return (node.size + 511) // 512

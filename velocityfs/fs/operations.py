@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import grp
 import logging
 import os
+import pwd
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ from velocityfs.fs.errno_map import errno_of
 from velocityfs.fs.nodes import DirNode, Inodes, MediaNode, Node, blocks_of
 from velocityfs.service.pools import mib_to_bytes
 from velocityfs.service.velocity import Velocity
-from velocityfs.service.views import MediaView, PoolView
+from velocityfs.service.views import Creator, MediaView, PoolView
 from velocityfs.threads import Offload
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,20 @@ T = TypeVar("T")
 MIB = 1 << 20
 BLKSIZE = MIB
 XATTR_PREFIX = "user.velocity."
+
+
+@functools.lru_cache(maxsize=256)
+def creator_of(uid: int, gid: int) -> Creator:
+    """The Unix user and group of a creating process, as the volume policy sees them."""
+    try:
+        user: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = str(gid)
+    return Creator(user=user, groups=frozenset({group}))
 
 
 def fuse_error(code: int) -> pyfuse3.FUSEError:
@@ -47,6 +64,7 @@ class Handle:
 
     node: MediaNode
     fd: int
+    writable: bool
 
 
 def _format_mib(nbytes: int | None) -> bytes:
@@ -309,28 +327,38 @@ class VelocityOperations(pyfuse3.Operations):
             mode=(mode & ~ctx.umask) & 0o7777,
             uid=ctx.uid,
             gid=ctx.gid,
+            creator=creator_of(ctx.uid, ctx.gid),
         )
         node = self.inodes.add_media(parent, view)
         parent.mtime_ns = parent.ctime_ns = view.ctime_ns
-        return self._open_handle(node, flags), self.attrs(node)
+        return await self._open_handle(node, flags), self.attrs(node)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.node(inode)
         if not isinstance(node, MediaNode):
             raise fuse_error(errno.EISDIR)
-        return self._open_handle(node, flags)
+        return await self._open_handle(node, flags)
 
-    def _open_handle(self, node: MediaNode, flags: int) -> pyfuse3.FileInfo:
-        # O_APPEND must not reach the backing file: pwrite would ignore our offsets.
+    async def _open_handle(self, node: MediaNode, flags: int) -> pyfuse3.FileInfo:
+        """Open the DEFAULT path (it follows a volume move); writers first take a lease.
+
+        O_APPEND must not reach the backing file: pwrite would ignore our offsets.
+        """
         writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if writable and not node.held:
+            async with node.lock:
+                if not node.held:
+                    await self.sql(self.v.ledger.hold, node.media_id, self.holder_id)
+                    node.held = True
         try:
-            fd = os.open(node.backing_path, os.O_RDWR if writable else os.O_RDONLY)
+            fd = os.open(node.open_path, os.O_RDWR if writable else os.O_RDONLY)
         except OSError as exc:
-            log.error("cannot open backing file %s: %s", node.backing_path, exc)
+            log.error("cannot open backing file %s: %s", node.open_path, exc)
             raise fuse_error(exc.errno or errno.EIO) from exc
         fh = self._new_fh()
-        self.handles[fh] = Handle(node, fd)
+        self.handles[fh] = Handle(node, fd, writable)
         node.open_count += 1
+        node.writers += writable
         return pyfuse3.FileInfo(fh=fh)
 
     def _new_fh(self) -> int:
@@ -352,7 +380,11 @@ class VelocityOperations(pyfuse3.Operations):
             if end > node.charged:
                 buf = buf[: node.charged - off]
         # No await between the room check and the write: the grant cannot shrink under us.
-        written = os.pwrite(handle.fd, buf, off)
+        try:
+            written = os.pwrite(handle.fd, buf, off)
+        except OSError as exc:
+            # A volume's disk filled before the quota did: the file stays as it was.
+            raise fuse_error(exc.errno or errno.EIO) from exc
         if off + written > node.size:
             node.size = off + written
         node.mtime_ns = node.ctime_ns = time.time_ns()
@@ -378,20 +410,24 @@ class VelocityOperations(pyfuse3.Operations):
             except VelocityError as exc:
                 raise fuse_error(errno_of(exc)) from exc
             node.charged += reservation.added
+            node.held = True
 
     async def settle(self, node: MediaNode, *, release_grant: bool) -> None:
         """Record the node's size (and mtime) in the catalog; optionally return the grant.
 
-        Shrinking ``charged`` happens before the await, so a write racing the
-        settlement has to reserve again instead of writing into room that is
-        being handed back.
+        The grant row itself stays while a writer has the media open (the lease
+        volume moves respect). Shrinking ``charged`` happens before the await, so
+        a write racing the settlement has to reserve again instead of writing
+        into room that is being handed back.
         """
         async with node.lock:
             if node.deleted:
                 return
             size = node.size
             keep = 0 if release_grant else node.charged - size
-            if not node.dirty and size == node.settled and keep == node.granted:
+            hold = node.writers > 0
+            unchanged = not node.dirty and size == node.settled and keep == node.granted
+            if unchanged and hold == node.held:
                 return
             node.charged = size + keep
             node.dirty = False
@@ -401,24 +437,30 @@ class VelocityOperations(pyfuse3.Operations):
                 self.holder_id,
                 size,
                 keep,
+                hold=hold,
                 mtime_ns=node.mtime_ns,
             )
             node.settled = size
+            node.held = hold or keep > 0
 
     async def truncate(self, node: MediaNode, size: int) -> None:
         """Resize a media; growth past a quota fails with ENOSPC and changes nothing."""
         if size > node.charged:
             await self._grow(node, size, partial=False)
         async with node.lock:
-            os.truncate(node.backing_path, size)
+            try:
+                os.truncate(node.open_path, size)
+            except OSError as exc:
+                raise fuse_error(exc.errno or errno.EIO) from exc
             node.size = size
             node.mtime_ns = node.ctime_ns = time.time_ns()
             node.dirty = True
-        await self.settle(node, release_grant=node.open_count == 0)
+        await self.settle(node, release_grant=node.writers == 0)
 
     async def flush(self, fh: int) -> None:
-        node = self.handles[fh].node
-        await self.settle(node, release_grant=node.open_count == 1)
+        handle = self.handles[fh]
+        if handle.writable:
+            await self.settle(handle.node, release_grant=handle.node.writers == 1)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handles[fh]
@@ -429,8 +471,9 @@ class VelocityOperations(pyfuse3.Operations):
         handle = self.handles.pop(fh)
         node = handle.node
         node.open_count -= 1
+        node.writers -= handle.writable
         try:
-            if node.open_count == 0:
+            if node.writers == 0 and (node.held or node.dirty):
                 await self.settle(node, release_grant=True)
         finally:
             os.close(handle.fd)
@@ -531,13 +574,11 @@ class VelocityOperations(pyfuse3.Operations):
 
     async def _velocity_xattr(self, node: Node, key: str) -> bytes:
         if isinstance(node, MediaNode):
-            values = {
-                "mid": node.media_id,
-                "volume": node.volume,
-                "backing_path": node.backing_path,
-            }
-            if key in values:
-                return values[key].encode()
+            if key == "mid":
+                return node.media_id.encode()
+            if key in ("volume", "backing_path"):
+                volume, path = self.v.backing.locate(node.media_id)
+                return (volume if key == "volume" else str(path)).encode()
         elif isinstance(node, DirNode) and node.pool_id is not None:
             if key == "pid":
                 return node.pool_id.encode()
@@ -601,8 +642,9 @@ class VelocityOperations(pyfuse3.Operations):
 
     # shutdown ------------------------------------------------------------
     async def settle_all(self) -> None:
-        """On unmount: settle every open media and hand back every grant."""
+        """On unmount: settle every open media and hand back every grant and lease."""
         for handle in list(self.handles.values()):
+            handle.node.writers = 0
             if not handle.node.deleted:
                 await self.settle(handle.node, release_grant=True)
 

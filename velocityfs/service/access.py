@@ -16,7 +16,7 @@ from velocityfs.errors import Conflict, NotFound, PermissionDenied
 from velocityfs.service.accounts import IssuedKey
 from velocityfs.service.names import check_name
 from velocityfs.service.velocity import Velocity
-from velocityfs.service.views import MediaView, PoolView
+from velocityfs.service.views import Creator, MediaView, PoolView
 
 VIEW = "velocity.pool.view"
 CREATE = "velocity.pool.create"
@@ -104,8 +104,17 @@ class Access:
         return self.v.media.in_pool(pool_id)
 
     def create_media(self, authkey: str, pool_id: str, name: str, size: int) -> MediaView:
-        self._require(authkey, pool_id, MEDIA_CREATE)
-        return self.v.media.create(pool_id, name, size=size)
+        user_id = self._require(authkey, pool_id, MEDIA_CREATE)
+        return self.v.media.create(pool_id, name, size=size, creator=self._creator(user_id))
+
+    def _creator(self, user_id: str) -> Creator:
+        """The API user and its groups, as the volume policy sees them."""
+        names = dict(self.v.accounts.users())
+        groups = dict(self.v.accounts.groups())
+        return Creator(
+            user=names.get(user_id),
+            groups=frozenset(groups[g] for g in self.v.accounts.group_ids_of(user_id)),
+        )
 
     def remove_media(self, authkey: str, media_id: str) -> MediaView:
         user_id = self.v.accounts.authenticate(authkey)
@@ -123,11 +132,11 @@ class Access:
         A declared length is reserved in full up front, so a body that cannot
         fit is refused before reading it.
         """
-        self._require(authkey, pool_id, MEDIA_CREATE)
+        user_id = self._require(authkey, pool_id, MEDIA_CREATE)
         check_name(name, "file name")
         if self.v.pools.name_taken(pool_id, name):
             raise Conflict(f"'{name}' already exists in that pool")
-        upload = Upload(self.v, pool_id, name, holder_id)
+        upload = Upload(self.v, pool_id, name, holder_id, self._creator(user_id))
         if length:
             upload.reserve(length)
         return upload
@@ -136,13 +145,20 @@ class Access:
 class Upload:
     """A media upload in flight: a temporary file and a grant that grows with it."""
 
-    def __init__(self, velocity: Velocity, pool_id: str, name: str, holder_id: str) -> None:
+    def __init__(
+        self,
+        velocity: Velocity,
+        pool_id: str,
+        name: str,
+        holder_id: str,
+        creator: Creator | None = None,
+    ) -> None:
         self.v = velocity
         self.pool_id = pool_id
         self.name = name
         self.holder_id = holder_id
         self.media_id = str(uuid.uuid4())
-        self.volume = velocity.media.choose_volume(pool_id, name)
+        self.volume = velocity.media.choose_volume(pool_id, name, creator)
         self.path = velocity.backing.upload_path(self.volume, holder_id, self.media_id)
         self.grant_id: str | None = None
         self.reserved = 0

@@ -71,6 +71,26 @@ def lock_chains(session: Session, *pool_ids: str) -> list[list[Pool]]:
     return [[rows[pid] for pid in chain] for chain in chains]
 
 
+def lock_media(session: Session, media_id: str) -> tuple[Media, list[Pool]]:
+    """A media and its pool chain, locked root-first, with the media read under that lock.
+
+    Every change to a media's size or pool is made while its pool's chain is locked,
+    so the row re-read after taking the lock is current until commit. The first read
+    only says which chain to lock: on PostgreSQL another transaction may change the
+    row (settle a new size, move it) before the lock is ours.
+    """
+    media = session.get(Media, media_id)
+    while True:
+        if media is None:
+            raise NotFound(f"no media {media_id}")
+        (chain,) = lock_chains(session, media.pool_id)
+        media = session.execute(
+            select(Media).where(Media.id == media_id).execution_options(populate_existing=True)
+        ).scalar_one_or_none()
+        if media is not None and media.pool_id == chain[-1].id:
+            return media, chain
+
+
 def room(chain: Sequence[Pool]) -> int:
     """Bytes that may still be charged to the last pool of ``chain`` (min over ancestors)."""
     limits = [p.quota_bytes - p.used_bytes for p in chain if p.quota_bytes is not None]
@@ -133,10 +153,7 @@ class Ledger:
         short write); without it, or when nothing fits, QuotaExceeded.
         """
         with self.db.transaction() as s:
-            media = s.get(Media, media_id)
-            if media is None:
-                raise NotFound(f"no media {media_id}")
-            (chain,) = lock_chains(s, media.pool_id)
+            media, chain = lock_media(s, media_id)
             available = room(chain)
             if available == 0 or (available < need and not partial):
                 raise QuotaExceeded(f"pool '{chain[-1].name}': {available} bytes left")
@@ -163,36 +180,59 @@ class Ledger:
         size: int,
         keep: int = 0,
         *,
+        hold: bool = False,
         mtime_ns: int | None = None,
     ) -> None:
         """Record the media's real ``size`` and shrink the holder's grant to ``keep``.
 
         The difference is returned to (or, for growth without a grant, charged
         to) the pool chain; growth that does not fit raises QuotaExceeded and
-        changes nothing.
+        changes nothing. With ``hold`` the grant row stays even at 0 bytes: the
+        media is still open for writing (see ``hold``).
         """
         with self.db.transaction() as s:
-            media = s.get(Media, media_id)
-            if media is None:
-                raise NotFound(f"no media {media_id}")
-            (chain,) = lock_chains(s, media.pool_id)
+            media, chain = lock_media(s, media_id)
             grant = _find_grant(s, media_id, holder_id)
             held = grant.bytes if grant else 0
             charge(chain, (size - media.size) + (keep - held))
             media.size = size
             if mtime_ns is not None:
                 media.mtime_ns = mtime_ns
-            if grant is not None and keep == 0:
+            if grant is not None and keep == 0 and not hold:
                 s.delete(grant)
             elif grant is not None:
                 grant.bytes = keep
-            elif keep:
+            elif keep or hold:
                 s.add(
                     Grant(
                         pool_id=media.pool_id,
                         media_id=media_id,
                         holder_id=holder_id,
                         bytes=keep,
+                        created_ns=time.time_ns(),
+                    )
+                )
+
+    def hold(self, media_id: str, holder_id: str) -> None:
+        """Mark a media open for writing by this holder: a grant row, possibly of 0 bytes.
+
+        Volume moves refuse media that has any grant. The media row is locked
+        first, the same lock a move's switch takes, so a writer cannot open the
+        file between a move's last check and its switch.
+        """
+        with self.db.transaction() as s:
+            media = s.execute(
+                select(Media).where(Media.id == media_id).with_for_update()
+            ).scalar_one_or_none()
+            if media is None:
+                raise NotFound(f"no media {media_id}")
+            if _find_grant(s, media_id, holder_id) is None:
+                s.add(
+                    Grant(
+                        pool_id=media.pool_id,
+                        media_id=media_id,
+                        holder_id=holder_id,
+                        bytes=0,
                         created_ns=time.time_ns(),
                     )
                 )

@@ -13,7 +13,7 @@ from velocityfs.errors import Conflict, InvalidValue, NotFound
 from velocityfs.service.ledger import charge, lock_chains
 from velocityfs.service.names import check_name
 from velocityfs.service.pools import name_taken
-from velocityfs.service.views import MediaView
+from velocityfs.service.views import Creator, MediaView
 from velocityfs.store.backing import BackingStore
 
 
@@ -33,11 +33,11 @@ class MediaService:
         self,
         database: Database,
         backing: BackingStore,
-        choose_volume: Callable[[str, str], str] | None = None,
+        placement: Callable[[str, str, Creator | None], str] | None = None,
     ) -> None:
         self.db = database
         self.backing = backing
-        self._choose_volume = choose_volume or (lambda _pool_id, _name: DEFAULT_VOLUME)
+        self._placement = placement or (lambda _pool_id, _name, _creator: DEFAULT_VOLUME)
 
     def view(self, media: Media, xattrs: dict[str, bytes] | None = None) -> MediaView:
         return MediaView(
@@ -53,6 +53,7 @@ class MediaService:
             mtime_ns=media.mtime_ns,
             ctime_ns=media.ctime_ns,
             backing_path=str(self.backing.path(media.volume, media.id)),
+            open_path=str(self.backing.default_path(media.id)),
             xattrs=xattrs or {},
         )
 
@@ -65,12 +66,16 @@ class MediaService:
         mode: int = 0o644,
         uid: int = 0,
         gid: int = 0,
+        creator: Creator | None = None,
     ) -> MediaView:
-        """Create media (sparse, ``size`` bytes charged to the pool chain)."""
+        """Create media (sparse, ``size`` bytes charged to the pool chain).
+
+        The volume policy places it, looking at the pool, the name and the creator.
+        """
         check_name(name, "file name")
         if size < 0:
             raise InvalidValue("size must not be negative")
-        volume = self._choose_volume(pool_id, name)
+        volume = self._placement(pool_id, name, creator)
         now = time.time_ns()
         media = Media(
             pool_id=pool_id,
@@ -148,11 +153,12 @@ class MediaService:
             final = self.backing.path(volume, media_id)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(upload_path, final)
+            self.backing.point_default(volume, media_id)
             return self.view(media)
 
-    def choose_volume(self, pool_id: str, name: str) -> str:
-        """The volume that new media of this pool and name goes to."""
-        return self._choose_volume(pool_id, name)
+    def choose_volume(self, pool_id: str, name: str, creator: Creator | None) -> str:
+        """The volume that new media of this pool, name and creator goes to."""
+        return self._placement(pool_id, name, creator)
 
     def get(self, media_id: str) -> MediaView:
         with self.db.transaction() as s:

@@ -11,8 +11,10 @@ from velocityfs.errors import VelocityError
 from velocityfs.service.accounts import DEFAULT_AUTHKEY_LIFETIME_S, AccountService
 from velocityfs.service.ledger import Ledger
 from velocityfs.service.media import MediaService, XAttrs
+from velocityfs.service.policy import DEFAULT_POLICY, Decision, Subject, VolumePolicy
 from velocityfs.service.pools import PoolService
-from velocityfs.service.views import PoolView
+from velocityfs.service.views import Creator, PoolView
+from velocityfs.service.volumes import VolumeService
 from velocityfs.store.backing import BackingStore
 
 
@@ -38,11 +40,14 @@ class Velocity:
         store_top: str | os.PathLike[str],
         *,
         authkey_lifetime_s: int = DEFAULT_AUTHKEY_LIFETIME_S,
+        volume_policy: str = DEFAULT_POLICY,
     ) -> None:
         self.db = Database(catalog_url)
         self.backing = BackingStore(store_top)
         self.ledger = Ledger(self.db)
-        self.media = MediaService(self.db, self.backing)
+        self.volumes = VolumeService(self.db, self.backing)
+        self.policy = VolumePolicy(volume_policy)
+        self.media = MediaService(self.db, self.backing, placement=self.place)
         self.pools = PoolService(self.db, on_media_removed=self.media.delete_orphan_files)
         self.accounts = AccountService(self.db, authkey_lifetime_s)
         self.xattrs = XAttrs(self.db)
@@ -77,6 +82,15 @@ class Velocity:
 
         walk(None, 0, "")
         return rows
+
+    def place(self, pool_id: str, name: str, creator: Creator | None) -> str:
+        """The volume policy's choice for new media."""
+        return self.explain_placement(self.pools.path(pool_id), name, creator).volume
+
+    def explain_placement(self, pool_path: str, name: str, creator: Creator | None) -> Decision:
+        creator = creator or Creator()
+        subject = Subject(pool_path, name, creator.user, creator.groups)
+        return self.policy.decide(subject, self.volumes.names())
 
     def pool_by_ref(self, ref: str) -> PoolView:
         """A pool by id, or by path of names (``tenants/acme``)."""

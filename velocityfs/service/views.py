@@ -25,7 +25,11 @@ class PoolView:
 
 @dataclass
 class MediaView:
-    """A media as adapters see it, with the path of its backing file."""
+    """A media as adapters see it, with the path of its backing file.
+
+    ``open_path`` is its DEFAULT path, which reaches the bytes on any volume
+    (a compatibility symlink off DEFAULT), even after a move by another process.
+    """
 
     id: str
     pool_id: str
@@ -39,4 +43,13 @@ class MediaView:
     mtime_ns: int
     ctime_ns: int
     backing_path: str = ""
+    open_path: str = ""
     xattrs: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Creator:
+    """Who creates media, for the volume policy: a user name and group names."""
+
+    user: str | None = None
+    groups: frozenset[str] = frozenset()

@@ -25,6 +25,39 @@ class BackingStore:
     def path(self, volume: str, media_id: str) -> Path:
         return self.volume_dir(volume) / "media" / media_id[:2] / media_id
 
+    def default_path(self, media_id: str) -> Path:
+        """The media's DEFAULT path: the file itself, or a symlink to it on another volume."""
+        return self.path(DEFAULT_VOLUME, media_id)
+
+    def locate(self, media_id: str) -> tuple[str, Path]:
+        """Where the bytes really are now, read off the DEFAULT path: (volume, path)."""
+        real = Path(os.path.realpath(self.default_path(media_id)))
+        try:
+            parts = real.relative_to(self.top / "vol").parts
+        except ValueError:
+            return DEFAULT_VOLUME, real
+        return parts[0], real
+
+    def moving_path(self, volume: str, media_id: str) -> Path:
+        """Where a move stages its copy on the target volume until the switch."""
+        return self.path(volume, media_id).with_suffix(".moving")
+
+    def point_default(self, volume: str, media_id: str) -> None:
+        """Make the DEFAULT path a relative symlink to the media on ``volume`` (atomically).
+
+        As in Koji, for compatibility: whoever knows only the DEFAULT layout
+        still finds the bytes. Nothing to do for media on DEFAULT itself.
+        """
+        if volume == DEFAULT_VOLUME:
+            return
+        link = self.default_path(media_id)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        target = os.path.relpath(self.path(volume, media_id), link.parent)
+        staging = link.with_suffix(".link")
+        staging.unlink(missing_ok=True)
+        os.symlink(target, staging)
+        os.rename(staging, link)
+
     def ensure_layout(self) -> None:
         """Create the store top and its DEFAULT ``media/`` directory."""
         (self.top / "media").mkdir(parents=True, exist_ok=True)
@@ -39,6 +72,7 @@ class BackingStore:
                 os.ftruncate(fd, size)
         finally:
             os.close(fd)
+        self.point_default(volume, media_id)
         return path
 
     def upload_path(self, volume: str, holder_id: str, media_id: str) -> Path:
@@ -61,6 +95,7 @@ class BackingStore:
 
     def remove(self, volume: str, media_id: str) -> None:
         self.path(volume, media_id).unlink(missing_ok=True)
+        self.default_path(media_id).unlink(missing_ok=True)
 
     def size(self, volume: str, media_id: str) -> int | None:
         """The backing file's apparent size, or None when it is missing."""

@@ -1,0 +1,155 @@
+"""Volume and media commands: where bytes live, and moving them between volumes."""
+
+import os
+from typing import Any
+
+import click
+
+from velocityfs.cli.context import Context, pass_ctx, service_errors
+from velocityfs.cli.output import emit_json, emit_table, mib
+from velocityfs.errors import NotFound
+from velocityfs.service.velocity import Velocity
+from velocityfs.service.views import Creator, MediaView
+
+
+@click.group()
+def volume() -> None:
+    """Backing volumes: DEFAULT is the store top, NAME lives at TOP/vol/NAME."""
+
+
+@volume.command("add")
+@click.argument("name")
+@pass_ctx
+@service_errors
+def volume_add(ctx: Context, name: str) -> None:
+    """Register volume NAME (mount its disk at TOP/vol/NAME first)."""
+    info = ctx.velocity().volumes.add(name)
+    click.echo(f"added volume '{info.name}' at {info.path}")
+
+
+@volume.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@service_errors
+def volume_list(ctx: Context, as_json: bool) -> None:
+    """Volumes with their path, media count, bytes used and free space on their disk."""
+    infos = ctx.velocity().volumes.all()
+    if as_json:
+        emit_json([info.__dict__ for info in infos])
+        return
+    emit_table(
+        ["VOLUME", "MEDIA", "USED MiB", "FREE MiB", "PATH"],
+        [[i.name, i.media, mib(i.used_bytes), mib(i.free_bytes), i.path] for i in infos],
+    )
+
+
+@volume.command("rm")
+@click.argument("name")
+@pass_ctx
+@service_errors
+def volume_rm(ctx: Context, name: str) -> None:
+    """Forget volume NAME (refused while media lives there)."""
+    ctx.velocity().volumes.remove(name)
+    click.echo(f"removed volume '{name}'")
+
+
+@volume.group("policy")
+def policy() -> None:
+    """The volume policy that places new media."""
+
+
+@policy.command("check")
+@click.option("--pool", "pool_path", required=True, help="Pool path, e.g. tenants/acme.")
+@click.option("--name", required=True, help="File name of the new media.")
+@click.option("--user", help="Creating user.")
+@click.option("--group", "groups", multiple=True, help="A group of the creator (repeatable).")
+@pass_ctx
+@service_errors
+def policy_check(
+    ctx: Context, pool_path: str, name: str, user: str | None, groups: tuple[str, ...]
+) -> None:
+    """Explain which rule new media would hit, and the volume it would go to."""
+    v = ctx.velocity()
+    if v.policy.error:
+        click.echo(f"warning: {v.policy.error}", err=True)
+    decision = v.explain_placement(pool_path.strip("/"), name, Creator(user, frozenset(groups)))
+    click.echo(f"{decision.volume}  ({decision.reason})")
+
+
+@click.group()
+def media() -> None:
+    """Inspect media and move them between volumes."""
+
+
+def resolve_media(v: Velocity, ref: str) -> MediaView:
+    """MEDIA is a media id, or a path in a mount (read through its user.velocity.mid)."""
+    if os.path.exists(ref):
+        try:
+            ref = os.getxattr(ref, "user.velocity.mid").decode()
+        except OSError as exc:
+            raise NotFound(f"{ref} is not media in a velocityfs mount") from exc
+    return v.media.get(ref)
+
+
+def media_dict(v: Velocity, m: MediaView) -> dict[str, Any]:
+    return {
+        "mid": m.id,
+        "name": m.name,
+        "pool": v.pools.path(m.pool_id),
+        "pid": m.pool_id,
+        "size_bytes": m.size,
+        "volume": m.volume,
+        "backing_path": m.backing_path,
+        "default_path": m.open_path,
+    }
+
+
+@media.command("show")
+@click.argument("ref", metavar="MEDIA")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@service_errors
+def media_show(ctx: Context, ref: str, as_json: bool) -> None:
+    """Where a media lives: pool, size, volume and backing path (MEDIA: mid or mount path)."""
+    v = ctx.velocity()
+    info = media_dict(v, resolve_media(v, ref))
+    if as_json:
+        emit_json(info)
+    else:
+        for key, value in info.items():
+            click.echo(f"{key:>13}: {value}")
+
+
+@media.command("list")
+@click.argument("pool_ref", metavar="POOL")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@service_errors
+def media_list(ctx: Context, pool_ref: str, as_json: bool) -> None:
+    """Media in a pool, with size and volume."""
+    v = ctx.velocity()
+    listed = v.media.in_pool(v.pool_by_ref(pool_ref).id)
+    if as_json:
+        emit_json([media_dict(v, m) for m in listed])
+    else:
+        emit_table(
+            ["NAME", "SIZE MiB", "VOLUME", "MID"],
+            [[m.name, mib(m.size), m.volume, m.id] for m in listed],
+        )
+
+
+@media.command("set-volume")
+@click.argument("ref", metavar="MEDIA")
+@click.argument("target", metavar="VOLUME")
+@pass_ctx
+@service_errors
+def media_set_volume(ctx: Context, ref: str, target: str) -> None:
+    """Move a media's bytes to VOLUME (copy, fsync, switch, remove the old copy).
+
+    Refused while the media is open for writing, or when VOLUME's disk lacks room.
+    """
+    v = ctx.velocity()
+    m = resolve_media(v, ref)
+    with click.progressbar(length=m.size, label=f"{m.name} -> {target}", file=None) as bar:
+        source = v.volumes.move(m.id, target, progress=bar.update)
+    click.echo(f"moved {m.id} from {source} to {target}: {v.media.get(m.id).backing_path}")

@@ -1,0 +1,142 @@
+"""The configuration file, ``/etc/velocityfs/velocityfs.toml`` by default.
+
+Every key is optional; command-line flags override the file, the file
+overrides the defaults below. ``velocityfs config check`` reports every
+problem, one line each, instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from velocityfs.errors import VelocityError
+from velocityfs.service.accounts import DEFAULT_AUTHKEY_LIFETIME_S
+from velocityfs.service.policy import DEFAULT_POLICY, parse
+
+DEFAULT_CONFIG = Path("/etc/velocityfs/velocityfs.toml")
+DEFAULT_STORE = "/var/lib/velocityfs"
+
+EXAMPLE = f"""\
+# velocityfs configuration. Every key is optional; flags override it.
+catalog = "sqlite:///{DEFAULT_STORE}/catalog.sqlite"   # or postgresql+psycopg://user@host/db
+store = "{DEFAULT_STORE}"             # store top = the DEFAULT volume
+mountpoint = "/srv/velocityfs"
+api_listen = "127.0.0.1:8080"        # "" to run the mount without the API
+authkey_lifetime_s = {DEFAULT_AUTHKEY_LIFETIME_S}
+attr_timeout_s = 1.0                 # how long kernels cache names and attributes
+allow_other = true                   # let the hypervisor's user open media
+default_permissions = true
+log_level = "INFO"
+volume_policy = \"\"\"
+{DEFAULT_POLICY}
+\"\"\"
+"""
+
+
+class ConfigError(VelocityError):
+    """The configuration file is unreadable or has wrong values; ``problems`` lists them."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        super().__init__(f"{path}: " + "; ".join(problems))
+        self.path = path
+        self.problems = problems
+
+
+@dataclass
+class Settings:
+    """Everything the daemon, the API and the admin commands need to know."""
+
+    catalog: str | None = None
+    store: str = DEFAULT_STORE
+    mountpoint: str | None = None
+    api_listen: str | None = None
+    authkey_lifetime_s: int = DEFAULT_AUTHKEY_LIFETIME_S
+    attr_timeout_s: float = 1.0
+    allow_other: bool = False
+    default_permissions: bool = False
+    log_level: str = "INFO"
+    volume_policy: str = DEFAULT_POLICY
+
+    @property
+    def catalog_url(self) -> str:
+        return self.catalog or f"sqlite:///{Path(self.store).resolve() / 'catalog.sqlite'}"
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "catalog": (str,),
+    "store": (str,),
+    "mountpoint": (str,),
+    "api_listen": (str,),
+    "authkey_lifetime_s": (int,),
+    "attr_timeout_s": (int, float),
+    "allow_other": (bool,),
+    "default_permissions": (bool,),
+    "log_level": (str,),
+    "volume_policy": (str,),
+}
+
+
+def problems_of(values: dict[str, Any]) -> list[str]:
+    """Every problem with a parsed configuration, one human sentence each."""
+    found = []
+    known = {f.name for f in fields(Settings)}
+    for key, value in values.items():
+        if key not in known:
+            found.append(f"unknown key '{key}'")
+            continue
+        types = _TYPES[key]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            wanted = " or ".join(t.__name__ for t in types)
+            found.append(f"'{key}' must be {wanted}, not {type(value).__name__}")
+    if found:
+        return found
+    if "catalog" in values:
+        try:
+            url = make_url(values["catalog"])
+            if url.get_backend_name() not in ("sqlite", "postgresql"):
+                found.append(f"'catalog' must be a sqlite or postgresql URL, not {url.drivername}")
+        except ArgumentError:
+            found.append(f"'catalog' is not a database URL: {values['catalog']!r}")
+    if values.get("api_listen"):
+        host, _, port = values["api_listen"].rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            found.append(f"'api_listen' must be HOST:PORT, not {values['api_listen']!r}")
+    level = values.get("log_level", "INFO")
+    if not isinstance(logging.getLevelName(level.upper()), int):
+        found.append(f"'log_level' must be DEBUG, INFO, WARNING or ERROR, not {level!r}")
+    for key in ("authkey_lifetime_s", "attr_timeout_s"):
+        if key in values and values[key] < 0:
+            found.append(f"'{key}' must not be negative")
+    if "volume_policy" in values:
+        try:
+            parse(values["volume_policy"])
+        except VelocityError as exc:
+            found.append(f"'volume_policy': {exc}")
+    return found
+
+
+def load(path: str | os.PathLike[str] | None) -> Settings:
+    """Read the file (the default path only if it exists); raise ConfigError on problems."""
+    if path is None:
+        if not DEFAULT_CONFIG.exists():
+            return Settings()
+        path = DEFAULT_CONFIG
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read: {exc.strerror}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}"]) from exc
+    problems = problems_of(values)
+    if problems:
+        raise ConfigError(path, problems)
+    return Settings(**values)

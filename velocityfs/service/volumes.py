@@ -1,0 +1,188 @@
+"""Backing volumes, the Koji way: a registry, and moves of media between volumes.
+
+DEFAULT is the store's top; volume NAME lives at ``TOP/vol/NAME`` (an operator
+mounts a disk there first). Media on another volume keeps a relative symlink
+at its DEFAULT path, so anything that opens the DEFAULT path (the mount does)
+reaches the bytes wherever they live.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+
+from velocityfs.catalog.database import Database
+from velocityfs.catalog.models import DEFAULT_VOLUME, Grant, Media, Volume
+from velocityfs.errors import Busy, Conflict, InvalidValue, NotFound
+from velocityfs.service.names import check_name
+from velocityfs.store.backing import BackingStore
+
+COPY_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    name: str
+    path: str
+    media: int
+    used_bytes: int
+    free_bytes: int
+
+
+class VolumeService:
+    """Volume registry and media moves; catalog switches are single transactions."""
+
+    def __init__(self, database: Database, backing: BackingStore) -> None:
+        self.db = database
+        self.backing = backing
+
+    def names(self) -> list[str]:
+        with self.db.transaction() as s:
+            return list(s.execute(select(Volume.name).order_by(Volume.name)).scalars())
+
+    def add(self, name: str) -> VolumeInfo:
+        """Register TOP/vol/NAME; it must exist (the disk is mounted there first)."""
+        check_name(name, "volume name")
+        if name == DEFAULT_VOLUME:
+            raise Conflict("DEFAULT always exists")
+        directory = self.backing.volume_dir(name)
+        if not directory.is_dir():
+            raise NotFound(f"{directory} does not exist: mount the volume's disk there first")
+        (directory / "media").mkdir(exist_ok=True)
+        with self.db.transaction() as s:
+            if s.get(Volume, name) is not None:
+                raise Conflict(f"volume '{name}' exists")
+            s.add(Volume(name=name, created_ns=time.time_ns()))
+        return self.info(name)
+
+    def remove(self, name: str) -> None:
+        """Forget a volume; refused while any media lives on it."""
+        if name == DEFAULT_VOLUME:
+            raise InvalidValue("DEFAULT cannot be removed")
+        with self.db.transaction() as s:
+            volume = s.get(Volume, name)
+            if volume is None:
+                raise NotFound(f"no volume '{name}'")
+            count = s.execute(
+                select(func.count()).select_from(Media).where(Media.volume == name)
+            ).scalar_one()
+            if count:
+                raise Busy(f"volume '{name}' still holds {count} media: move them first")
+            s.delete(volume)
+
+    def info(self, name: str) -> VolumeInfo:
+        with self.db.transaction() as s:
+            if s.get(Volume, name) is None:
+                raise NotFound(f"no volume '{name}'")
+            count, used = s.execute(
+                select(func.count(), func.coalesce(func.sum(Media.size), 0)).where(
+                    Media.volume == name
+                )
+            ).one()
+        directory = self.backing.volume_dir(name)
+        try:
+            disk = os.statvfs(directory)
+            free = disk.f_bavail * disk.f_frsize
+        except OSError:
+            free = 0
+        return VolumeInfo(name, str(directory), int(count), int(used), free)
+
+    def all(self) -> list[VolumeInfo]:
+        return [self.info(name) for name in self.names()]
+
+    # moves -------------------------------------------------------------------
+    def move(
+        self,
+        media_id: str,
+        target: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> str:
+        """Move a media's bytes to ``target``; returns the volume it came from.
+
+        Copy and fsync first, outside any transaction; then, in one
+        transaction that re-checks nothing changed, put the copy in place,
+        point the DEFAULT path at it and switch the catalog. A media open for
+        writing anywhere (it has a grant, even of 0 bytes) is refused, and a
+        writer cannot open it while the switch runs: opening for write takes
+        the same row lock.
+        """
+        with self.db.transaction() as s:
+            media = s.get(Media, media_id)
+            if media is None:
+                raise NotFound(f"no media {media_id}")
+            if s.get(Volume, target) is None:
+                raise NotFound(f"no volume '{target}'")
+            source = media.volume
+            self._refuse_if_open(s, media_id)
+        if source == target:
+            return source
+        src = self.backing.path(source, media_id)
+        before = os.stat(src)
+        room = shutil.disk_usage(self.backing.volume_dir(target)).free
+        if before.st_blocks * 512 > room:
+            raise Busy(f"volume '{target}' has {room} bytes free, {before.st_blocks * 512} needed")
+        staging = self.backing.moving_path(target, media_id)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _copy_sparse(src, staging, progress)
+            with self.db.transaction() as s:
+                media = s.execute(
+                    select(Media).where(Media.id == media_id).with_for_update()
+                ).scalar_one_or_none()
+                if media is None:
+                    raise NotFound(f"media {media_id} was removed during the move")
+                self._refuse_if_open(s, media_id)
+                after = os.stat(src)
+                if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                    raise Busy("the media changed during the copy: try again")
+                os.rename(staging, self.backing.path(target, media_id))
+                self.backing.point_default(target, media_id)
+                media.volume = target
+                media.ctime_ns = time.time_ns()
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+        if source != DEFAULT_VOLUME:
+            self.backing.path(source, media_id).unlink(missing_ok=True)
+        return source
+
+    @staticmethod
+    def _refuse_if_open(s, media_id: str) -> None:  # type: ignore[no-untyped-def]
+        writers = s.execute(select(Grant.holder_id).where(Grant.media_id == media_id)).first()
+        if writers is not None:
+            raise Busy("the media is open for writing: close it and try again")
+
+
+def _copy_sparse(src, dst, progress: Callable[[int], None] | None) -> None:  # type: ignore[no-untyped-def]
+    """Copy keeping holes (a 100 GiB sparse VM disk stays sparse), then fsync."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        offset = 0
+        while offset < size:
+            try:
+                data_start = os.lseek(fin.fileno(), offset, os.SEEK_DATA)
+            except OSError:
+                break
+            hole = os.lseek(fin.fileno(), data_start, os.SEEK_HOLE)
+            if progress is not None and data_start > offset:
+                progress(data_start - offset)
+            position = data_start
+            while position < hole:
+                chunk = os.pread(fin.fileno(), min(COPY_CHUNK, hole - position), position)
+                if not chunk:
+                    break
+                os.pwrite(fout.fileno(), chunk, position)
+                position += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+            offset = hole
+        if progress is not None and size > offset:
+            progress(size - offset)
+        os.ftruncate(fout.fileno(), size)
+        fout.flush()
+        os.fsync(fout.fileno())
