@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from velocityfs.cli import config_cmd, daemon, storage
+from velocityfs.cli import config_cmd, daemon, ops, storage
 from velocityfs.cli.context import Context, pass_ctx, service_errors
 from velocityfs.cli.output import emit_json, emit_table, mib
 from velocityfs.config import DEFAULT_CONFIG, DEFAULT_STORE
@@ -343,6 +343,8 @@ main.add_command(daemon.serve)
 main.add_command(storage.volume)
 main.add_command(storage.media)
 main.add_command(config_cmd.config_group)
+main.add_command(ops.fsck)
+main.add_command(ops.status)
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from velocityfs.catalog.models import Grant, Holder, Media, Pool
@@ -290,6 +290,17 @@ class Ledger:
             holder = s.get(Holder, holder_id)
             if holder is not None:
                 s.delete(holder)
+
+    def holders(self) -> list[dict[str, object]]:
+        """Every registered process with the number of grants it holds."""
+        with self.db.transaction() as s:
+            counts = dict(
+                s.execute(select(Grant.holder_id, func.count()).group_by(Grant.holder_id)).all()
+            )
+            return [
+                {"id": h.id, "host": h.host, "pid": h.pid, "grants": counts.get(h.id, 0)}
+                for h in s.execute(select(Holder).order_by(Holder.started_ns)).scalars()
+            ]
 
     def dead_holders(self) -> list[str]:
         """Holders on this host whose process is gone (their grants are stale)."""

@@ -199,6 +199,9 @@ class MediaService:
         s.execute(delete(Grant).where(Grant.media_id == media.id))
         s.execute(delete(XAttr).where(XAttr.owner_id == media.id))
         s.delete(media)
+        # Now, not at commit: the unit of work would run a rename's UPDATE first, and
+        # the renamed row would collide with this one's (pool, name) unique key.
+        s.flush()
 
     def rename(self, media_id: str, pool_id: str, name: str) -> str | None:
         """Rename or move media, replacing a media of the target name.

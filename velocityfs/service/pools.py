@@ -247,6 +247,8 @@ class PoolService:
                 raise Conflict(f"'{new_name}' already exists in pool '{new_chain[-1].name}'")
             if pool.parent_id != new_parent_id:
                 check_quota_fits(new_chain, pool.quota_bytes)
+                # Subpools' quotas move along and must fit under the new ancestors too.
+                check_quota_fits(new_chain, _max_child_quota(s, pool_id))
                 charge(old_chain, -pool.used_bytes)
                 charge(new_chain, pool.used_bytes)
             now = time.time_ns()

@@ -1,0 +1,110 @@
+"""Operator commands: ``fsck`` and ``status``."""
+
+import json
+from pathlib import Path
+
+import click
+from sqlalchemy import text
+
+from velocityfs.cli.context import Context, pass_ctx, service_errors
+from velocityfs.cli.output import emit_json, emit_table, mib
+from velocityfs.service.fsck import Fsck
+
+
+@click.command()
+@click.option("--repair", is_flag=True, help="Repair what can be repaired.")
+@pass_ctx
+@service_errors
+def fsck(ctx: Context, repair: bool) -> None:
+    """Compare catalog and backing files; one line per problem.
+
+    Exits non-zero while problems remain (with --repair: those it could not repair).
+    """
+    checker = Fsck(ctx.velocity())
+    remaining = repaired = 0
+    with click.progressbar(
+        length=checker.media_count(), label="checking media", file=click.get_text_stream("stderr")
+    ) as bar:
+        problems = list(_walk(checker, bar.update, repair))
+    for problem, fixed in problems:
+        click.echo(f"{'REPAIRED' if fixed else 'PROBLEM'} {problem}")
+        repaired += fixed
+        remaining += not fixed
+    click.echo(f"{repaired} repaired, {remaining} remaining")
+    if remaining:
+        raise SystemExit(1)
+
+
+def _walk(checker: Fsck, progress, repair: bool):  # type: ignore[no-untyped-def]
+    """Repair as problems are found, so later checks (usage) see earlier repairs."""
+    for problem in checker.run(progress):
+        if repair and problem.repair is not None:
+            problem.repair()
+            yield problem, True
+        else:
+            yield problem, False
+
+
+def velocityfs_mounts() -> list[str]:
+    mounts = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split(" ", 1)[0] == "fuse.velocityfs":
+            mounts.append(left.split(" ")[4])
+    return mounts
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@service_errors
+def status(ctx: Context, as_json: bool) -> None:
+    """Mounts, catalog, volumes with free space, and the pool tree with usage and quota."""
+    v = ctx.velocity()
+    with v.db.engine.connect() as conn:
+        revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    holders = v.ledger.holders()
+    volumes = v.volumes.all()
+    tree = v.tree()
+    info = {
+        "mounts": velocityfs_mounts(),
+        "catalog": {"url": v.db.engine.url.render_as_string(), "revision": revision},
+        "holders": holders,
+        "volumes": [vol.__dict__ for vol in volumes],
+        "pools": [
+            {
+                "path": row.path,
+                "pid": row.pool.id,
+                "used_bytes": row.pool.used_bytes,
+                "quota_bytes": row.pool.quota_bytes,
+            }
+            for row in tree
+        ],
+    }
+    if as_json:
+        emit_json(json.loads(json.dumps(info)))
+        return
+    click.echo(f"catalog: {info['catalog']['url']} (schema {revision})")
+    click.echo(f"mounts:  {', '.join(info['mounts']) or 'none on this host'}")
+    for holder in holders:
+        click.echo(f"process: {holder['host']} pid {holder['pid']} ({holder['grants']} grants)")
+    click.echo()
+    emit_table(
+        ["VOLUME", "MEDIA", "USED MiB", "FREE MiB", "PATH"],
+        [[i.name, i.media, mib(i.used_bytes), mib(i.free_bytes), i.path] for i in volumes],
+    )
+    click.echo()
+    emit_table(
+        ["POOL", "USED MiB", "QUOTA MiB", "USE%"],
+        [
+            [
+                "  " * r.depth + r.pool.name,
+                mib(r.pool.used_bytes),
+                mib(r.pool.quota_bytes),
+                f"{100 * r.pool.used_bytes / r.pool.quota_bytes:.0f}%"
+                if r.pool.quota_bytes
+                else "-",
+            ]
+            for r in tree
+        ],
+    )

@@ -1,0 +1,271 @@
+"""Compare the catalog with the backing files, report each problem, repair on request.
+
+Checks: stale grants of dead processes; media whose bytes are missing; sizes
+that disagree with the disk; orphan files (no catalog row), including the
+leftovers of interrupted uploads and moves; DEFAULT paths that do not lead
+to the media's volume (dangling or wrong compatibility symlinks, and moves
+interrupted between copy and commit); usage totals per pool.
+
+Catalog rows win, except where only the disk still has the bytes: an
+interrupted move whose copy is the one authoritative file is finished, not
+rolled back. Media of a volume whose disk is not mounted are reported, never
+"repaired" away.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import delete, func, select, update
+
+from velocityfs.catalog.models import DEFAULT_VOLUME, Grant, Holder, Media, Pool, XAttr
+from velocityfs.service.ledger import lock_chains
+from velocityfs.service.pools import subtree_ids
+from velocityfs.service.velocity import Velocity
+
+MEDIA_NAME = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+@dataclass
+class Problem:
+    """One thing wrong, in one line, and how to repair it (None: needs a human)."""
+
+    kind: str
+    message: str
+    repair: Callable[[], None] | None
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+class Fsck:
+    """One pass over a store; ``run`` yields problems as it finds them."""
+
+    def __init__(self, velocity: Velocity) -> None:
+        self.v = velocity
+        self.backing = velocity.backing
+
+    def media_count(self) -> int:
+        with self.v.db.transaction() as s:
+            return s.execute(select(func.count()).select_from(Media)).scalar_one()
+
+    def run(self, progress: Callable[[int], None] | None = None) -> Iterator[Problem]:
+        yield from self._stale_grants()
+        live = self._media_with_grants()
+        unmounted = set(self._unmounted_volumes())
+        for name in sorted(unmounted):
+            yield Problem(
+                "volume-unmounted",
+                f"volume '{name}' has no media/ directory at {self.backing.volume_dir(name)}: "
+                "is its disk mounted?",
+                None,
+            )
+        known: set[str] = set()
+        for media in self._all_media():
+            known.add(media.id)
+            if media.volume not in unmounted and media.id not in live:
+                yield from self._check_media(media)
+            if progress is not None:
+                progress(1)
+        yield from self._orphans(known, unmounted)
+        yield from self._usage()
+
+    # grants ----------------------------------------------------------------
+    def _stale_grants(self) -> Iterator[Problem]:
+        for holder in self.v.ledger.dead_holders():
+            grants = self.v.ledger.stale_grants([holder])
+            yield Problem(
+                "stale-grant",
+                f"{len(grants)} grant(s) of dead process {holder}",
+                lambda: self.v.reclaim_dead_holders(),
+            )
+
+    def _media_with_grants(self) -> set[str]:
+        with self.v.db.transaction() as s:
+            rows = s.execute(select(Grant.media_id).where(Grant.media_id.is_not(None)))
+            return {m for m in rows.scalars() if m}
+
+    # per media -------------------------------------------------------------
+    def _all_media(self) -> list[Media]:
+        with self.v.db.transaction() as s:
+            return list(s.execute(select(Media)).scalars())
+
+    def _unmounted_volumes(self) -> Iterator[str]:
+        for name in self.v.volumes.names():
+            if not (self.backing.volume_dir(name) / "media").is_dir():
+                yield name
+
+    def _check_media(self, media: Media) -> Iterator[Problem]:
+        label = f"media {media.id} ({self.v.pools.path(media.pool_id)}/{media.name})"
+        home = self.backing.path(media.volume, media.id)
+        default = self.backing.default_path(media.id)
+        if not home.is_file() or home.is_symlink():
+            other = self._real_copy_elsewhere(media)
+            if other is not None:
+                yield Problem(
+                    "interrupted-move",
+                    f"{label}: catalog says volume {media.volume}, the bytes are on {other}",
+                    lambda: self._adopt_volume(media.id, other),
+                )
+                return
+            yield Problem(
+                "missing-file",
+                f"{label}: backing file {home} is missing",
+                lambda: self._drop_media(media.id),
+            )
+            return
+        if media.volume != DEFAULT_VOLUME:
+            expected = os.path.relpath(home, default.parent)
+            current = os.readlink(default) if default.is_symlink() else None
+            if current != expected:
+                state = "missing" if not os.path.lexists(default) else f"-> {current}"
+                yield Problem(
+                    "volume-symlink",
+                    f"{label}: DEFAULT path {default} should link to {expected} ({state})",
+                    lambda: self._repoint(media.volume, media.id),
+                )
+        size = home.stat().st_size
+        if size != media.size:
+            yield Problem(
+                "size",
+                f"{label}: catalog says {media.size} bytes, the file has {size}",
+                lambda: self._resize(media.id, size),
+            )
+
+    def _real_copy_elsewhere(self, media: Media) -> str | None:
+        """The volume that really has a media's bytes when its catalog volume does not."""
+        default = self.backing.default_path(media.id)
+        if default.is_file() and not default.is_symlink():
+            return DEFAULT_VOLUME
+        if default.is_symlink() and default.exists():
+            volume, _path = self.backing.locate(media.id)
+            return volume if volume != media.volume else None
+        return None
+
+    def _adopt_volume(self, media_id: str, volume: str) -> None:
+        with self.v.db.transaction() as s:
+            s.execute(update(Media).where(Media.id == media_id).values(volume=volume))
+        self.backing.point_default(volume, media_id)
+
+    def _repoint(self, volume: str, media_id: str) -> None:
+        self.backing.point_default(volume, media_id)
+
+    def _drop_media(self, media_id: str) -> None:
+        with self.v.db.transaction() as s:
+            media = s.get(Media, media_id)
+            if media is None:
+                return
+            (chain,) = lock_chains(s, media.pool_id)
+            for pool in chain:
+                pool.used_bytes -= media.size
+            s.execute(delete(XAttr).where(XAttr.owner_id == media_id))
+            s.delete(media)
+        self.backing.default_path(media_id).unlink(missing_ok=True)
+
+    def _resize(self, media_id: str, size: int) -> None:
+        """The disk's bytes are real: record them even if that passes a quota
+        (writes then get ENOSPC until room is freed)."""
+        with self.v.db.transaction() as s:
+            media = s.get(Media, media_id)
+            if media is None:
+                return
+            (chain,) = lock_chains(s, media.pool_id)
+            for pool in chain:
+                pool.used_bytes += size - media.size
+            media.size = size
+
+    # files without rows ------------------------------------------------------
+    def _volume_files(self, unmounted: set[str]) -> Iterator[tuple[str, Path]]:
+        for volume in self.v.volumes.names():
+            if volume in unmounted:
+                continue
+            media_dir = self.backing.volume_dir(volume) / "media"
+            for bucket in sorted(media_dir.glob("[0-9a-f][0-9a-f]")):
+                for path in sorted(bucket.iterdir()):
+                    yield volume, path
+
+    def _orphans(self, known: set[str], unmounted: set[str]) -> Iterator[Problem]:
+        catalog_volume = self._catalog_volumes()
+        for volume, path in self._volume_files(unmounted):
+            name = path.name
+            if not MEDIA_NAME.match(name):
+                yield Problem(
+                    "orphan-file",
+                    f"{path}: leftover of an interrupted move or link",
+                    lambda p=path: p.unlink(missing_ok=True),
+                )
+            elif name not in known:
+                yield Problem(
+                    "orphan-file",
+                    f"{path}: no media {name} in the catalog",
+                    lambda p=path: p.unlink(missing_ok=True),
+                )
+            elif (
+                volume != catalog_volume.get(name)
+                and path.is_file()
+                and not path.is_symlink()
+                and self.backing.path(catalog_volume[name], name).is_file()
+            ):
+                yield Problem(
+                    "stray-copy",
+                    f"{path}: a second copy of media {name}, which lives on "
+                    f"{catalog_volume[name]} (a move was interrupted)",
+                    lambda p=path, v=catalog_volume[name], m=name: self._drop_stray(p, v, m),
+                )
+        dead = set(self.v.ledger.dead_holders())
+        for uploads in self.backing.top.glob("**/media/.uploads/*"):
+            if uploads.name in dead or not self._holder_exists(uploads.name):
+                yield Problem(
+                    "orphan-upload",
+                    f"{uploads}: unfinished uploads of a process that is gone",
+                    lambda h=uploads.name: self.backing.discard_uploads(h),
+                )
+
+    def _drop_stray(self, path: Path, volume: str, media_id: str) -> None:
+        path.unlink(missing_ok=True)
+        self.backing.point_default(volume, media_id)
+
+    def _catalog_volumes(self) -> dict[str, str]:
+        with self.v.db.transaction() as s:
+            return dict(s.execute(select(Media.id, Media.volume)).tuples().all())
+
+    def _holder_exists(self, holder_id: str) -> bool:
+        with self.v.db.transaction() as s:
+            return s.get(Holder, holder_id) is not None
+
+    # usage -----------------------------------------------------------------
+    def _usage(self) -> Iterator[Problem]:
+        with self.v.db.transaction() as s:
+            pools = list(s.execute(select(Pool)).scalars())
+            sizes = dict(
+                s.execute(select(Media.pool_id, func.sum(Media.size)).group_by(Media.pool_id))
+                .tuples()
+                .all()
+            )
+            grants = dict(
+                s.execute(select(Grant.pool_id, func.sum(Grant.bytes)).group_by(Grant.pool_id))
+                .tuples()
+                .all()
+            )
+            expected = {}
+            for pool in pools:
+                ids = subtree_ids(s, pool.id)
+                expected[pool.id] = sum(
+                    int(sizes.get(i) or 0) + int(grants.get(i) or 0) for i in ids
+                )
+        for pool in pools:
+            if pool.used_bytes != expected[pool.id]:
+                yield Problem(
+                    "usage",
+                    f"pool {self.v.pools.path(pool.id)}: used {pool.used_bytes} bytes recorded, "
+                    f"{expected[pool.id]} counted",
+                    lambda p=pool.id, e=expected[pool.id]: self._set_usage(p, e),
+                )
+
+    def _set_usage(self, pool_id: str, used: int) -> None:
+        with self.v.db.transaction() as s:
+            s.execute(update(Pool).where(Pool.id == pool_id).values(used_bytes=used))
