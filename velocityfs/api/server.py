@@ -14,6 +14,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from velocityfs.api.app import Mirror, create_app
+from velocityfs.notify import sd_notify
 from velocityfs.service.access import Access
 from velocityfs.service.velocity import Velocity
 from velocityfs.threads import Offload, threads_for
@@ -59,6 +60,7 @@ def run_standalone(velocity: Velocity, bind: str) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_api, velocity, offload, holder, bind)
             print(f"velocityfs: serving http://{bind}", file=sys.stderr, flush=True)
+            sd_notify(f"READY=1\nSTATUS=serving http://{bind}")
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()

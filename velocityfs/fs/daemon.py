@@ -14,6 +14,7 @@ import trio
 
 from velocityfs.api.server import serve_api
 from velocityfs.fs.operations import VelocityOperations
+from velocityfs.notify import sd_notify
 from velocityfs.service.velocity import Velocity
 from velocityfs.threads import Offload, threads_for
 
@@ -48,6 +49,7 @@ async def _serve(ops: VelocityOperations, mountpoint: str, api_bind: str | None)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     log.info("signal received: unmounting")
+                    sd_notify("STOPPING=1")
                     pyfuse3.terminate()
                     return
 
@@ -62,6 +64,7 @@ async def _serve(ops: VelocityOperations, mountpoint: str, api_bind: str | None)
         async def announce() -> None:
             await trio.to_thread.run_sync(raise_read_ahead, mountpoint)
             print(f"velocityfs: mounted {mountpoint}", file=sys.stderr, flush=True)
+            sd_notify(f"READY=1\nSTATUS=mounted {mountpoint}")
 
         nursery.start_soon(announce)
         await pyfuse3.main()

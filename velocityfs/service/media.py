@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from velocityfs.catalog.database import Database
 from velocityfs.catalog.models import DEFAULT_VOLUME, Grant, Media, Pool, XAttr
 from velocityfs.errors import Conflict, InvalidValue, NotFound
-from velocityfs.service.ledger import charge, lock_chains
+from velocityfs.service.ledger import charge, lock_chains, lock_media
 from velocityfs.service.names import check_name
 from velocityfs.service.pools import name_taken
 from velocityfs.service.views import Creator, MediaView
@@ -185,9 +185,7 @@ class MediaService:
     def remove(self, media_id: str) -> None:
         """Delete media: its size and any grants on it go back to the pool chain."""
         with self.db.transaction() as s:
-            media = s.get(Media, media_id)
-            if media is None:
-                raise NotFound(f"no media {media_id}")
+            media, _chain = lock_media(s, media_id)  # its size as of the lock, not before
             volume = media.volume
             self._drop(s, media)
         self.backing.remove(volume, media_id)
@@ -214,9 +212,19 @@ class MediaService:
         replaced: tuple[str, str] | None = None
         with self.db.transaction() as s:
             media = s.get(Media, media_id)
-            if media is None:
-                raise NotFound(f"no media {media_id}")
-            old_chain, new_chain = lock_chains(s, media.pool_id, pool_id)
+            while True:
+                if media is None:
+                    raise NotFound(f"no media {media_id}")
+                old_chain, new_chain = lock_chains(s, media.pool_id, pool_id)
+                # Re-read under the locks, as lock_media does: the size that moves to
+                # the new chain must be the current one, not the one read before.
+                media = s.execute(
+                    select(Media)
+                    .where(Media.id == media_id)
+                    .execution_options(populate_existing=True)
+                ).scalar_one_or_none()
+                if media is not None and media.pool_id == old_chain[-1].id:
+                    break
             target = s.execute(
                 select(Media).where(Media.pool_id == pool_id, Media.name == name)
             ).scalar_one_or_none()

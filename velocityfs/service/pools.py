@@ -265,9 +265,10 @@ class PoolService:
         transaction; backing files are deleted after the commit.
         """
         with self.db.transaction() as s:
-            pool = s.get(Pool, pool_id)
-            if pool is None:
-                raise NotFound(f"no pool {pool_id}")
+            # Lock the pool itself too: every change below it locks it, so its usage,
+            # subpools and media read after this stay current until the commit.
+            (chain,) = lock_chains(s, pool_id)
+            pool = chain[-1]
             ids = subtree_ids(s, pool_id)
             media_rows = s.execute(
                 select(Media.id, Media.volume).where(Media.pool_id.in_(ids))
@@ -275,9 +276,8 @@ class PoolService:
             if not recursive and (len(ids) > 1 or media_rows):
                 raise NotEmpty(f"pool '{pool.name}' is not empty")
             if pool.parent_id is not None:
-                (chain,) = lock_chains(s, pool.parent_id)
-                charge(chain, -pool.used_bytes)
-                chain[-1].mtime_ns = time.time_ns()
+                charge(chain[:-1], -pool.used_bytes)
+                chain[-2].mtime_ns = time.time_ns()
             media_ids = [m[0] for m in media_rows]
             s.execute(delete(XAttr).where(XAttr.owner_id.in_(ids + media_ids)))
             s.execute(delete(Grant).where(Grant.pool_id.in_(ids)))
