@@ -31,7 +31,10 @@ store = "{DEFAULT_STORE}"             # store top = the DEFAULT volume
 mountpoint = "/srv/velocityfs"
 api_listen = "127.0.0.1:8080"        # "" to run the mount without the API
 authkey_lifetime_s = {DEFAULT_AUTHKEY_LIFETIME_S}
-attr_timeout_s = 1.0                 # how long kernels cache names and attributes
+attr_timeout_s = 1.0                 # how long kernels cache names and attributes; also how
+                                     # soon a mount sees other hosts' changes
+lease_s = 30.0                       # a dead host's grants are reclaimed after this
+catalog_timeout_s = 10.0             # how long a request waits for an unreachable catalog
 allow_other = true                   # let the hypervisor's user open media
 default_permissions = true
 log_level = "INFO"
@@ -60,6 +63,8 @@ class Settings:
     api_listen: str | None = None
     authkey_lifetime_s: int = DEFAULT_AUTHKEY_LIFETIME_S
     attr_timeout_s: float = 1.0
+    lease_s: float = 30.0
+    catalog_timeout_s: float = 10.0
     allow_other: bool = False
     default_permissions: bool = False
     log_level: str = "INFO"
@@ -77,6 +82,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "api_listen": (str,),
     "authkey_lifetime_s": (int,),
     "attr_timeout_s": (int, float),
+    "lease_s": (int, float),
+    "catalog_timeout_s": (int, float),
     "allow_other": (bool,),
     "default_permissions": (bool,),
     "log_level": (str,),
@@ -112,7 +119,7 @@ def problems_of(values: dict[str, Any]) -> list[str]:
     level = values.get("log_level", "INFO")
     if not isinstance(logging.getLevelName(level.upper()), int):
         found.append(f"'log_level' must be DEBUG, INFO, WARNING or ERROR, not {level!r}")
-    for key in ("authkey_lifetime_s", "attr_timeout_s"):
+    for key in ("authkey_lifetime_s", "attr_timeout_s", "lease_s", "catalog_timeout_s"):
         if key in values and values[key] < 0:
             found.append(f"'{key}' must not be negative")
     if "volume_policy" in values:

@@ -4,27 +4,59 @@ SQLAlchemy here is synchronous; an inline call that waits on a lock would
 freeze every FUSE and HTTP request served by the loop. The mount and the
 in-process API share one limiter, so SQLite sees a single writer thread
 (which gave the best tail latency) while PostgreSQL may use a few.
+
+While the catalog is unreachable a call is retried, with back-off, for at
+most ``catalog_timeout_s``; then the error goes to the caller (EIO in the
+mount, 503 in the API). Memory-served requests never wait for it.
 """
 
 import functools
+import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import trio
+from sqlalchemy.exc import DBAPIError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class CatalogUnavailable(Exception):
+    """The catalog did not answer within the configured time."""
+
+
+def _is_connection_error(exc: DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return True
+    name = type(exc.orig).__name__ if exc.orig is not None else ""
+    return name in ("OperationalError", "InterfaceError") and "locked" not in str(exc.orig)
 
 
 class Offload:
     """Awaitable access to blocking callables, at most ``threads`` at a time."""
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, catalog_timeout_s: float = 10.0) -> None:
         self.limiter = trio.CapacityLimiter(threads)
+        self.catalog_timeout_s = catalog_timeout_s
 
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await trio.to_thread.run_sync(
-            functools.partial(fn, *args, **kwargs), limiter=self.limiter
-        )
+        call = functools.partial(fn, *args, **kwargs)
+        deadline = time.monotonic() + self.catalog_timeout_s
+        delay = 0.1
+        while True:
+            try:
+                return await trio.to_thread.run_sync(call, limiter=self.limiter)
+            except DBAPIError as exc:
+                if not _is_connection_error(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise CatalogUnavailable(f"catalog unreachable: {exc.orig}") from exc
+                log.warning("catalog unreachable (%s); retrying", exc.orig)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
 
 def threads_for(is_sqlite: bool) -> int:

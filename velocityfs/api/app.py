@@ -25,7 +25,7 @@ from velocityfs.api.openapi import OPENAPI
 from velocityfs.service.access import Access, Upload
 from velocityfs.service.pools import MIB, mib_to_bytes
 from velocityfs.service.views import MediaView, PoolView
-from velocityfs.threads import Offload
+from velocityfs.threads import CatalogUnavailable, Offload
 
 log = logging.getLogger("velocityfs.api")
 
@@ -315,13 +315,20 @@ def create_app(
         assert isinstance(exc, errors.VelocityError)
         return error(status_of(exc), str(exc))
 
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        return error(503, "the catalog is unreachable; try again")
+
     async def failure(request: Request, exc: Exception) -> JSONResponse:
         log.error("%s %s failed: %r", request.method, masked(request.url.path), exc)
         return error(500, "internal error")
 
     app = Starlette(
         routes=routes,
-        exception_handlers={errors.VelocityError: refusal, Exception: failure},
+        exception_handlers={
+            errors.VelocityError: refusal,
+            CatalogUnavailable: unavailable,
+            Exception: failure,
+        },
     )
     return AccessLog(app)
 

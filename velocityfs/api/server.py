@@ -49,16 +49,29 @@ async def serve_api(
     await serve(app, hypercorn_config(bind), shutdown_trigger=never.wait, task_status=task_status)
 
 
-def run_standalone(velocity: Velocity, bind: str) -> None:
+async def keep_lease(velocity: Velocity, offload: Offload, holder_id: str) -> None:
+    """Renew the lease on upload grants, so no other process reclaims them as dead."""
+    interval = velocity.ledger.lease_ns / 1e9 / 3
+    while True:
+        await trio.sleep(interval)
+        try:
+            if not await offload(velocity.ledger.heartbeat, holder_id):
+                log.error("the API's upload grants were reclaimed while it was cut off")
+        except Exception as exc:
+            log.warning("lease renewal failed: %s", exc)
+
+
+def run_standalone(velocity: Velocity, bind: str, catalog_timeout_s: float = 10.0) -> None:
     """``velocityfs serve``: the shim alone, holding grants only while uploads run."""
     velocity.require_initialised()
     velocity.reclaim_dead_holders()
     holder = velocity.ledger.register_holder()
-    offload = Offload(threads_for(velocity.db.is_sqlite))
+    offload = Offload(threads_for(velocity.db.is_sqlite), catalog_timeout_s)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_api, velocity, offload, holder, bind)
+            nursery.start_soon(keep_lease, velocity, offload, holder)
             print(f"velocityfs: serving http://{bind}", file=sys.stderr, flush=True)
             sd_notify(f"READY=1\nSTATUS=serving http://{bind}")
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

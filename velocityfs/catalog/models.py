@@ -5,6 +5,7 @@ integers, so that the filesystem can hand them to the kernel unchanged.
 IDs are UUID strings, as in Velocity.
 """
 
+import time
 import uuid
 
 from sqlalchemy import (
@@ -72,6 +73,9 @@ class Pool(Base):
     gid: Mapped[int] = mapped_column(Integer, default=0)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
     ctime_ns: Mapped[int] = mapped_column(BigInteger)
+    changed_ns: Mapped[int] = mapped_column(
+        BigInteger, default=time.time_ns, onupdate=time.time_ns, index=True
+    )
 
 
 class Media(Base):
@@ -94,6 +98,24 @@ class Media(Base):
     atime_ns: Mapped[int] = mapped_column(BigInteger)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
     ctime_ns: Mapped[int] = mapped_column(BigInteger)
+    changed_ns: Mapped[int] = mapped_column(
+        BigInteger, default=time.time_ns, onupdate=time.time_ns, index=True
+    )
+
+
+class Removal(Base):
+    """A tombstone: a pool or media deleted at ``removed_ns``, so other mounts drop it too.
+
+    Rows carry ``changed_ns`` (set on every insert and update) and deletions
+    leave a tombstone, so a mount catches up with other hosts by reading only
+    what changed since its last look, never the whole catalog.
+    """
+
+    __tablename__ = "removals"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    object_id: Mapped[str] = mapped_column(String(36))
+    removed_ns: Mapped[int] = mapped_column(BigInteger, default=time.time_ns, index=True)
 
 
 class XAttr(Base):

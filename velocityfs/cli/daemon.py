@@ -77,6 +77,7 @@ def mount(
         ),
         attr_timeout=settings.attr_timeout_s if attr_timeout is None else attr_timeout,
         api_bind=api_bind or settings.api_listen or None,
+        catalog_timeout_s=settings.catalog_timeout_s,
     )
 
 
@@ -90,7 +91,11 @@ def serve(ctx: Context, bind: str | None, log_level: str | None) -> None:
     from velocityfs.api.server import run_standalone
 
     setup_logging(log_level or ctx.settings.log_level)
-    run_standalone(ctx.velocity(), bind or ctx.settings.api_listen or "127.0.0.1:8080")
+    run_standalone(
+        ctx.velocity(),
+        bind or ctx.settings.api_listen or "127.0.0.1:8080",
+        ctx.settings.catalog_timeout_s,
+    )
 
 
 @click.command()

@@ -13,6 +13,7 @@ import pyfuse3
 import trio
 
 from velocityfs.api.server import serve_api
+from velocityfs.fs.follow import Follower
 from velocityfs.fs.operations import VelocityOperations
 from velocityfs.notify import sd_notify
 from velocityfs.service.velocity import Velocity
@@ -54,6 +55,7 @@ async def _serve(ops: VelocityOperations, mountpoint: str, api_bind: str | None)
                     return
 
         nursery.start_soon(watch_signals)
+        nursery.start_soon(Follower(ops, ops.attr_timeout).run)
         if api_bind is not None:
             await nursery.start(
                 functools.partial(
@@ -80,6 +82,7 @@ def run_mount(
     default_permissions: bool = False,
     attr_timeout: float = 1.0,
     api_bind: str | None = None,
+    catalog_timeout_s: float = 10.0,
 ) -> None:
     """Mount and serve until unmounted or signalled; grants are settled on the way out."""
     velocity.require_initialised()
@@ -87,7 +90,7 @@ def run_mount(
     if reclaimed:
         log.warning("reclaimed %d grant(s) left by a crashed process", reclaimed)
     holder = velocity.ledger.register_holder()
-    offload = Offload(threads_for(velocity.db.is_sqlite))
+    offload = Offload(threads_for(velocity.db.is_sqlite), catalog_timeout_s)
     ops = VelocityOperations(
         velocity,
         holder,

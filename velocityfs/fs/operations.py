@@ -29,7 +29,7 @@ from velocityfs.fs.nodes import DirNode, Inodes, MediaNode, Node, blocks_of
 from velocityfs.service.pools import mib_to_bytes
 from velocityfs.service.velocity import Velocity
 from velocityfs.service.views import Creator, MediaView, PoolView
-from velocityfs.threads import Offload
+from velocityfs.threads import CatalogUnavailable, Offload
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,9 @@ class VelocityOperations(pyfuse3.Operations):
         self.holder_id = holder_id
         self.attr_timeout = attr_timeout
         self.offload = offload
+        # Writes past a media's settled size use grants, which are only ours
+        # while our lease is renewed (see fs.follow).
+        self.lease_valid_until = time.monotonic() + velocity.ledger.lease_ns / 1e9 * 0.8
         now = time.time_ns()
         root = DirNode(
             ino=pyfuse3.ROOT_INODE,
@@ -140,6 +143,9 @@ class VelocityOperations(pyfuse3.Operations):
             raise fuse_error(errno_of(exc)) from exc
         except pyfuse3.FUSEError:
             raise
+        except CatalogUnavailable as exc:
+            log.warning("%s: %s", getattr(fn, "__name__", fn), exc)
+            raise fuse_error(errno.EIO) from exc
         except Exception as exc:
             log.exception("catalog call %s failed", getattr(fn, "__name__", fn))
             raise fuse_error(errno.EIO) from exc
@@ -373,6 +379,9 @@ class VelocityOperations(pyfuse3.Operations):
         handle = self.handles[fh]
         node = handle.node
         end = off + len(buf)
+        if end > node.settled and time.monotonic() > self.lease_valid_until:
+            # Cut off from the catalog too long: another host may have reclaimed our grants.
+            raise fuse_error(errno.EIO)
         if end > node.charged:
             await self._grow(node, end, partial=True)
             if off >= node.charged:
@@ -649,7 +658,7 @@ class VelocityOperations(pyfuse3.Operations):
                 await self.settle(handle.node, release_grant=True)
 
     # changes made by the in-process API ------------------------------------
-    async def _forget_entry(self, parent: DirNode, name: str, ino: int) -> None:
+    async def forget_entry(self, parent: DirNode, name: str, ino: int) -> None:
         """Drop the kernel's cached entry; from a thread, as a call on the loop deadlocks."""
 
         def invalidate() -> None:
@@ -674,7 +683,7 @@ class VelocityOperations(pyfuse3.Operations):
             return
         parent, name = node.parent, node.name
         self.inodes.detach(node)
-        await self._forget_entry(parent, name, node.ino)
+        await self.forget_entry(parent, name, node.ino)
 
     async def pool_removed(self, pool_id: str) -> None:
         """A pool deleted with all its contents: drop the whole subtree."""
@@ -690,4 +699,4 @@ class VelocityOperations(pyfuse3.Operations):
                 else:
                     self.inodes.detach(child)
             self.inodes.detach(current)
-        await self._forget_entry(node.parent, node.name, node.ino)
+        await self.forget_entry(node.parent, node.name, node.ino)

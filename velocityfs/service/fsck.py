@@ -25,6 +25,7 @@ from sqlalchemy import delete, func, select, update
 from velocityfs.catalog.models import DEFAULT_VOLUME, Grant, Holder, Media, Pool, XAttr
 from velocityfs.service.ledger import lock_chains
 from velocityfs.service.pools import subtree_ids
+from velocityfs.service.removals import record_removals
 from velocityfs.service.velocity import Velocity
 
 MEDIA_NAME = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -163,6 +164,7 @@ class Fsck:
             for pool in chain:
                 pool.used_bytes -= media.size
             s.execute(delete(XAttr).where(XAttr.owner_id == media_id))
+            record_removals(s, "media", [media_id])
             s.delete(media)
         self.backing.default_path(media_id).unlink(missing_ok=True)
 

@@ -25,6 +25,7 @@ from velocityfs.catalog.models import Grant, Holder, Media, Pool
 from velocityfs.errors import NotFound, QuotaExceeded
 
 GRANT_CHUNK = 64 << 20
+DEFAULT_LEASE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,9 @@ def _find_grant(session: Session, media_id: str, holder_id: str) -> Grant | None
 class Ledger:
     """Grant lifecycle, each call one transaction on the catalog."""
 
-    def __init__(self, database) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, database, lease_s: float = DEFAULT_LEASE_S) -> None:  # type: ignore[no-untyped-def]
         self.db = database
+        self.lease_ns = int(lease_s * 1_000_000_000)
 
     def reserve(
         self,
@@ -302,12 +304,27 @@ class Ledger:
                 for h in s.execute(select(Holder).order_by(Holder.started_ns)).scalars()
             ]
 
-    def dead_holders(self) -> list[str]:
-        """Holders on this host whose process is gone (their grants are stale)."""
-        host = socket.gethostname()
+    def heartbeat(self, holder_id: str) -> bool:
+        """Renew this holder's lease; False when it was already reclaimed as dead."""
         with self.db.transaction() as s:
-            holders = s.execute(select(Holder).where(Holder.host == host)).scalars().all()
-            return [h.id for h in holders if not _process_alive(h.pid)]
+            holder = s.get(Holder, holder_id)
+            if holder is None:
+                return False
+            holder.heartbeat_ns = time.time_ns()
+            return True
+
+    def dead_holders(self) -> list[str]:
+        """Holders whose grants are stale: a gone process on this host, or a lease
+        not renewed in time on any host (a crashed or cut-off machine)."""
+        host = socket.gethostname()
+        expired = time.time_ns() - self.lease_ns
+        with self.db.transaction() as s:
+            holders = s.execute(select(Holder)).scalars().all()
+            return [
+                h.id
+                for h in holders
+                if h.heartbeat_ns < expired or (h.host == host and not _process_alive(h.pid))
+            ]
 
     def stale_grants(self, holder_ids: Sequence[str]) -> list[tuple[str, str]]:
         """(grant id, media id) of every grant held by ``holder_ids``."""

@@ -13,6 +13,7 @@ from velocityfs.errors import Conflict, InvalidValue, NotFound
 from velocityfs.service.ledger import charge, lock_chains, lock_media
 from velocityfs.service.names import check_name
 from velocityfs.service.pools import name_taken
+from velocityfs.service.removals import record_removals
 from velocityfs.service.views import Creator, MediaView
 from velocityfs.store.backing import BackingStore
 
@@ -196,6 +197,7 @@ class MediaService:
         chain[-1].mtime_ns = time.time_ns()
         s.execute(delete(Grant).where(Grant.media_id == media.id))
         s.execute(delete(XAttr).where(XAttr.owner_id == media.id))
+        record_removals(s, "media", [media.id])
         s.delete(media)
         # Now, not at commit: the unit of work would run a rename's UPDATE first, and
         # the renamed row would collide with this one's (pool, name) unique key.

@@ -1,5 +1,6 @@
 """Pool rules: the tree, names, quotas, removal."""
 
+import math
 import time
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from velocityfs.errors import (
 )
 from velocityfs.service.ledger import chain_ids, charge, lock_chains, room
 from velocityfs.service.names import check_name
+from velocityfs.service.removals import record_removals
 from velocityfs.service.views import PoolView
 
 MIB = 1 << 20
@@ -279,6 +281,8 @@ class PoolService:
                 charge(chain[:-1], -pool.used_bytes)
                 chain[-2].mtime_ns = time.time_ns()
             media_ids = [m[0] for m in media_rows]
+            record_removals(s, "media", media_ids)
+            record_removals(s, "pool", ids)
             s.execute(delete(XAttr).where(XAttr.owner_id.in_(ids + media_ids)))
             s.execute(delete(Grant).where(Grant.pool_id.in_(ids)))
             s.execute(delete(Share).where(Share.pool_id.in_(ids)))
@@ -321,8 +325,9 @@ def mib_to_bytes(mib: int | float | str) -> int:
     """Quota and size arguments are MiB in the API and CLI; the catalog keeps bytes."""
     try:
         value = float(mib)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidValue(f"not a number of MiB: {mib!r}") from exc
-    if value < 0 or value != value:
+    # NaN and infinities ("inf", or a JSON 1e999) are no amount of bytes.
+    if value < 0 or not math.isfinite(value):
         raise InvalidValue(f"MiB must be a non-negative number: {mib!r}")
     return int(value * MIB)

@@ -9,7 +9,8 @@ from velocityfs.catalog.database import Database
 from velocityfs.catalog.schema import upgrade
 from velocityfs.errors import VelocityError
 from velocityfs.service.accounts import DEFAULT_AUTHKEY_LIFETIME_S, AccountService
-from velocityfs.service.ledger import Ledger
+from velocityfs.service.changes import ChangeFeed
+from velocityfs.service.ledger import DEFAULT_LEASE_S, Ledger
 from velocityfs.service.media import MediaService, XAttrs
 from velocityfs.service.policy import DEFAULT_POLICY, Decision, Subject, VolumePolicy
 from velocityfs.service.pools import PoolService
@@ -41,16 +42,18 @@ class Velocity:
         *,
         authkey_lifetime_s: int = DEFAULT_AUTHKEY_LIFETIME_S,
         volume_policy: str = DEFAULT_POLICY,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> None:
         self.db = Database(catalog_url)
         self.backing = BackingStore(store_top)
-        self.ledger = Ledger(self.db)
+        self.ledger = Ledger(self.db, lease_s)
         self.volumes = VolumeService(self.db, self.backing)
         self.policy = VolumePolicy(volume_policy)
         self.media = MediaService(self.db, self.backing, placement=self.place)
         self.pools = PoolService(self.db, on_media_removed=self.media.delete_orphan_files)
         self.accounts = AccountService(self.db, authkey_lifetime_s)
         self.xattrs = XAttrs(self.db)
+        self.changes = ChangeFeed(self.db, self.media)
 
     def init(self) -> None:
         """Create or upgrade the catalog and the store layout; harmless to repeat."""

@@ -1,0 +1,64 @@
+"""What changed in the catalog since a moment: how mounts on other hosts catch up.
+
+Every pool and media row carries ``changed_ns`` and every deletion leaves a
+tombstone, so a mount reads only the rows that changed since its last look.
+Re-reading a change is harmless (applying it is idempotent), so callers look
+back a margin to cover transactions that committed late and clock skew.
+"""
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select
+
+from velocityfs.catalog.database import Database
+from velocityfs.catalog.models import Media, Pool, Removal, XAttr
+from velocityfs.service.media import MediaService
+from velocityfs.service.pools import pool_view
+from velocityfs.service.views import MediaView, PoolView
+
+TOMBSTONE_TTL_NS = 3600 * 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Changes:
+    pools: list[PoolView]
+    media: list[MediaView]
+    removed_pools: list[str]
+    removed_media: list[str]
+
+
+class ChangeFeed:
+    """Reads changes since a moment; prunes old tombstones."""
+
+    def __init__(self, database: Database, media: MediaService) -> None:
+        self.db = database
+        self.media = media
+
+    def since(self, since_ns: int) -> Changes:
+        with self.db.transaction() as s:
+            pools = [
+                pool_view(p)
+                for p in s.execute(select(Pool).where(Pool.changed_ns >= since_ns)).scalars()
+            ]
+            media = list(s.execute(select(Media).where(Media.changed_ns >= since_ns)).scalars())
+            xattrs: dict[str, dict[str, bytes]] = {}
+            if media:
+                ids = [m.id for m in media]
+                for owner, name, value in s.execute(
+                    select(XAttr.owner_id, XAttr.name, XAttr.value).where(XAttr.owner_id.in_(ids))
+                ):
+                    xattrs.setdefault(owner, {})[name] = value
+            removals = s.execute(
+                select(Removal.kind, Removal.object_id).where(Removal.removed_ns >= since_ns)
+            ).all()
+            return Changes(
+                pools=pools,
+                media=[self.media.view(m, xattrs.get(m.id)) for m in media],
+                removed_pools=[oid for kind, oid in removals if kind == "pool"],
+                removed_media=[oid for kind, oid in removals if kind == "media"],
+            )
+
+    def prune(self) -> None:
+        with self.db.transaction() as s:
+            s.execute(delete(Removal).where(Removal.removed_ns < time.time_ns() - TOMBSTONE_TTL_NS))
