@@ -47,6 +47,7 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.commits = 0
 
     @property
     def is_sqlite(self) -> bool:
@@ -57,6 +58,7 @@ class Database:
         """One unit of work: commits on success, rolls back on any exception."""
         with self._sessions() as session, session.begin():
             yield session
+        self.commits += 1
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -107,5 +107,6 @@ def run_mount(
         trio.run(_serve, ops, mountpoint, api_bind)
     finally:
         pyfuse3.close(unmount=True)
-        velocity.ledger.retire_holder(holder)
+        velocity.ledger.retire_holder(ops.holder_id)
+        log.info("unmounted; %d catalog transactions committed", velocity.db.commits)
         velocity.close()

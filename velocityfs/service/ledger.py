@@ -287,10 +287,12 @@ class Ledger:
             return holder.id
 
     def retire_holder(self, holder_id: str) -> None:
-        """Forget a holder that released all its grants on a clean shutdown."""
+        """Forget a holder on a clean shutdown, unless grants are left (a settlement
+        failed): then the row stays, so the grants are reclaimed like a dead one's."""
         with self.db.transaction() as s:
             holder = s.get(Holder, holder_id)
-            if holder is not None:
+            left = s.execute(select(Grant.id).where(Grant.holder_id == holder_id)).first()
+            if holder is not None and left is None:
                 s.delete(holder)
 
     def holders(self) -> list[dict[str, object]]:
