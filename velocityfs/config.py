@@ -91,10 +91,14 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def problems_of(values: dict[str, Any]) -> list[str]:
-    """Every problem with a parsed configuration, one human sentence each."""
+def problems_of(values: dict[str, Any], *, policy: bool = True) -> list[str]:
+    """Every problem with a parsed configuration, one human sentence each.
+
+    With ``policy`` a volume policy that does not parse is one of them.
+    """
     found = []
     known = {f.name for f in fields(Settings)}
+    typed = {}  # the values whose type is right: only those can be checked further
     for key, value in values.items():
         if key not in known:
             found.append(f"unknown key '{key}'")
@@ -103,8 +107,9 @@ def problems_of(values: dict[str, Any]) -> list[str]:
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             wanted = " or ".join(t.__name__ for t in types)
             found.append(f"'{key}' must be {wanted}, not {type(value).__name__}")
-    if found:
-        return found
+            continue
+        typed[key] = value
+    values = typed
     if "catalog" in values:
         try:
             url = make_url(values["catalog"])
@@ -122,7 +127,7 @@ def problems_of(values: dict[str, Any]) -> list[str]:
     for key in ("authkey_lifetime_s", "attr_timeout_s", "lease_s", "catalog_timeout_s"):
         if key in values and values[key] < 0:
             found.append(f"'{key}' must not be negative")
-    if "volume_policy" in values:
+    if policy and "volume_policy" in values:
         try:
             parse(values["volume_policy"])
         except VelocityError as exc:
@@ -130,8 +135,13 @@ def problems_of(values: dict[str, Any]) -> list[str]:
     return found
 
 
-def load(path: str | os.PathLike[str] | None) -> Settings:
-    """Read the file (the default path only if it exists); raise ConfigError on problems."""
+def load(path: str | os.PathLike[str] | None, *, strict: bool = False) -> Settings:
+    """Read the file (the default path only if it exists); raise ConfigError on problems.
+
+    A volume policy that does not parse is a problem only when ``strict``
+    (``config check``): otherwise it is loaded, and, as in Koji, media then
+    goes to DEFAULT with a warning instead of the daemon refusing to start.
+    """
     if path is None:
         if not DEFAULT_CONFIG.exists():
             return Settings()
@@ -143,7 +153,7 @@ def load(path: str | os.PathLike[str] | None) -> Settings:
         raise ConfigError(path, [f"cannot read: {exc.strerror}"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [f"not valid TOML: {exc}"]) from exc
-    problems = problems_of(values)
+    problems = problems_of(values, policy=strict)
     if problems:
         raise ConfigError(path, problems)
     return Settings(**values)

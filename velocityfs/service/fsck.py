@@ -210,7 +210,7 @@ class Fsck:
                 volume != catalog_volume.get(name)
                 and path.is_file()
                 and not path.is_symlink()
-                and self.backing.path(catalog_volume[name], name).is_file()
+                and self._other_copy(self.backing.path(catalog_volume[name], name), path)
             ):
                 yield Problem(
                     "stray-copy",
@@ -226,6 +226,18 @@ class Fsck:
                     f"{uploads}: unfinished uploads of a process that is gone",
                     lambda h=uploads.name: self.backing.discard_uploads(h),
                 )
+
+    @staticmethod
+    def _other_copy(home: Path, path: Path) -> bool:
+        """Whether ``home`` holds bytes of its own, not just a link to ``path``.
+
+        After a move interrupted between its symlink and its commit, the catalog's
+        DEFAULT path leads to the target's file: that file is the only copy.
+        """
+        try:
+            return home.is_file() and not os.path.samefile(home, path)
+        except OSError:
+            return False
 
     def _drop_stray(self, path: Path, volume: str, media_id: str) -> None:
         path.unlink(missing_ok=True)

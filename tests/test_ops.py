@@ -1,0 +1,684 @@
+"""Operating velocityfs (issue 6): the configuration file, the systemd units,
+mount(8) and fstab, fsck on a damaged store, ``status``, and the daemon's log.
+
+Catalog-dependent tests run on SQLite and PostgreSQL; the configuration checks
+need no catalog and run once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select, text
+from support.admin import (
+    MIB,
+    InProcessCli,
+    Tmpfs,
+    fill,
+    mountinfo_has,
+    pattern,
+    sha256_of,
+    write_config,
+)
+
+from velocityfs.catalog.models import Grant, Holder
+from velocityfs.service.accounts import PERMISSIONS
+from velocityfs.service.velocity import Velocity
+from velocityfs.service.views import Creator
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+SYSTEMD_DIR = REPO / "systemd"
+INSTALLED = "/usr/local/bin/velocityfs"
+HELPER_LINK = Path("/sbin/mount.fuse.velocityfs")
+
+
+# -- fixtures and helpers ------------------------------------------------------------------
+
+
+@pytest.fixture
+def vcli(catalog_url: str, store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> InProcessCli:
+    return InProcessCli(catalog_url, store_dir).track(monkeypatch)
+
+
+@pytest.fixture
+def bare_cli(monkeypatch: pytest.MonkeyPatch) -> InProcessCli:
+    """The CLI with no --catalog/--store: only what a configuration file says."""
+    return InProcessCli(None, None).track(monkeypatch)
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Tmpfs]:
+    disks = Tmpfs()
+    try:
+        yield disks
+    finally:
+        disks.cleanup()
+
+
+@contextlib.contextmanager
+def service(catalog_url: str, store: Path, policy: str | None = None) -> Iterator[Velocity]:
+    kwargs = {} if policy is None else {"volume_policy": policy}
+    v = Velocity(catalog_url, store, **kwargs)
+    try:
+        yield v
+    finally:
+        v.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def no_grants(catalog_url: str, store: Path) -> bool:
+    with service(catalog_url, store) as v, v.db.transaction() as s:
+        return s.execute(select(Grant.id)).first() is None
+
+
+# -- the configuration file -----------------------------------------------------------------
+
+# name -> (file contents, the one problem `config check` must report)
+CONFIG_PROBLEMS = {
+    "unknown-key": ('colour = "blue"\n', "unknown key 'colour'"),
+    "wrong-type": ('allow_other = "yes"\n', "'allow_other' must be bool, not str"),
+    "wrong-type-int": ("authkey_lifetime_s = 1.5\n", "'authkey_lifetime_s' must be int, not float"),
+    "bad-catalog-scheme": (
+        'catalog = "mysql://root@localhost/velocity"\n',
+        "'catalog' must be a sqlite or postgresql URL, not mysql",
+    ),
+    "bad-catalog-url": (
+        'catalog = "not a url"\n',
+        "'catalog' is not a database URL: 'not a url'",
+    ),
+    "bad-api-listen": (
+        'api_listen = "localhost"\n',
+        "'api_listen' must be HOST:PORT, not 'localhost'",
+    ),
+    "bad-api-port": (
+        'api_listen = "127.0.0.1:70000"\n',
+        "'api_listen' must be HOST:PORT, not '127.0.0.1:70000'",
+    ),
+    "bad-log-level": (
+        'log_level = "LOUD"\n',
+        "'log_level' must be DEBUG, INFO, WARNING or ERROR, not 'LOUD'",
+    ),
+    "negative-timeout": ("attr_timeout_s = -1\n", "'attr_timeout_s' must not be negative"),
+    "negative-lifetime": ("authkey_lifetime_s = -5\n", "'authkey_lifetime_s' must not be negative"),
+    "broken-policy": (
+        'volume_policy = "pool tenants :: fast\\nno arrow here"\n',
+        "'volume_policy': policy line 2: missing ':: VOLUME' in 'no arrow here'",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIG_PROBLEMS))
+def test_config_check_reports_the_problem(name, bare_cli, tmp_path):
+    body, problem = CONFIG_PROBLEMS[name]
+    config = tmp_path / "velocityfs.toml"
+    config.write_text('store = "/srv/store"\n' + body)
+    res = bare_cli("config", "check", config=config, check=False)
+    assert res.code == 1
+    assert res.stderr == f"{config}: {problem}\n"
+    assert res.stdout == ""
+
+
+def test_config_check_reports_every_problem_on_its_own_line(bare_cli, tmp_path):
+    config = tmp_path / "velocityfs.toml"
+    config.write_text(
+        "".join(
+            body
+            for body, _ in CONFIG_PROBLEMS.values()
+            if "70000" not in body and "not a url" not in body and "-5" not in body
+        )
+    )
+    res = bare_cli("config", "check", config=config, check=False)
+    assert res.code == 1
+    expected = [
+        f"{config}: {problem}"
+        for body, problem in CONFIG_PROBLEMS.values()
+        if "70000" not in body and "not a url" not in body and "-5" not in body
+    ]
+    assert sorted(res.stderr.splitlines()) == sorted(expected)
+
+
+def test_config_file_errors(bare_cli, tmp_path):
+    # Not TOML at all
+    config = tmp_path / "broken.toml"
+    config.write_text('store = "/srv/store"\nallow_other = \n')
+    res = bare_cli("config", "check", config=config, check=False)
+    assert res.code == 1
+    assert re.fullmatch(
+        rf"{re.escape(str(config))}: not valid TOML: .*\(at line 2, column \d+\)\n", res.stderr
+    ), res.stderr
+
+    # A file that is not there
+    missing = tmp_path / "missing.toml"
+    res = bare_cli("config", "check", config=missing, check=False)
+    assert res.code == 1
+    assert res.stderr == f"{missing}: cannot read: No such file or directory\n"
+
+    # Any other command stops on a bad file with one line and status 1.
+    bad = tmp_path / "bad.toml"
+    bad.write_text('colour = "blue"\nlog_level = 3\n')
+    res = bare_cli("pool", "list", config=bad, check=False)
+    assert res.code == 1
+    assert res.stderr == (
+        f"velocityfs: error: {bad}: unknown key 'colour'; 'log_level' must be str, not int\n"
+    )
+    res = bare_cli("pool", "list", config=missing, check=False)
+    assert res.code == 1
+    assert res.stderr == f"velocityfs: error: {missing}: cannot read: No such file or directory\n"
+
+
+def test_config_example_parses_and_passes_check(bare_cli, tmp_path):
+    example = bare_cli("config", "example").stdout
+    values = tomllib.loads(example)
+    assert {"catalog", "store", "mountpoint", "api_listen", "volume_policy"} <= set(values)
+    config = tmp_path / "example.toml"
+    config.write_text(example)
+    res = bare_cli("config", "check", config=config)
+    assert res.stdout == (f"{config}: ok (catalog {values['catalog']}, store {values['store']})\n")
+    assert res.stderr == ""
+
+
+def test_flags_override_the_file(vcli, bare_cli, catalog_url, store_dir, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    wrong_catalog = tmp_path / "wrong.sqlite"
+    config = write_config(
+        tmp_path / "velocityfs.toml", store=str(elsewhere), catalog=f"sqlite:///{wrong_catalog}"
+    )
+    # flags win over the file for both the store and the catalog
+    vcli("init", config=config)
+    vcli("pool", "create", "tenants", "--quota-mib", "10", config=config)
+    assert (store_dir / "media").is_dir()
+    assert not elsewhere.exists() and not wrong_catalog.exists()
+    status = vcli("status", "--json", config=config).json()
+    assert status["catalog"]["url"] == catalog_url
+    assert {v["name"]: v["path"] for v in status["volumes"]} == {"DEFAULT": str(store_dir)}
+    # --store alone beats store = ... (the catalog still comes from the file)
+    right = write_config(tmp_path / "right.toml", store=str(elsewhere), catalog=catalog_url)
+    res = bare_cli("--store", str(store_dir), "pool", "list", "--json", config=right)
+    assert [p["path"] for p in res.json()] == ["tenants"]
+    # without the flag the file's store is used, and it has not been initialised
+    res = bare_cli("pool", "list", config=right, check=False)
+    assert res.code == 1
+    assert res.stderr == (
+        f"velocityfs: error: store {elsewhere} has no media/: run 'velocityfs init'\n"
+    )
+    # --catalog alone beats catalog = ...
+    res = bare_cli(
+        "--catalog",
+        catalog_url,
+        "pool",
+        "list",
+        "--json",
+        config=write_config(
+            tmp_path / "c.toml", store=str(store_dir), catalog=f"sqlite:///{wrong_catalog}"
+        ),
+    )
+    assert [p["path"] for p in res.json()] == ["tenants"]
+    assert not wrong_catalog.exists()
+
+
+# -- systemd --------------------------------------------------------------------------------
+
+
+def test_systemd_units_verify(tmp_path, bare_cli):
+    units = sorted(SYSTEMD_DIR.glob("*.service"))
+    assert {u.name for u in units} == {"velocityfs.service", "velocityfs-api.service"}
+    velocityfs = VENV_BIN / "velocityfs"
+    assert os.access(velocityfs, os.X_OK)
+    example = tmp_path / "velocityfs.toml"
+    example.write_text(bare_cli("config", "example").stdout)
+    for unit in units:
+        body = unit.read_text()
+        assert INSTALLED in body
+        copy = tmp_path / unit.name
+        copy.write_text(body.replace(INSTALLED, str(velocityfs)))
+        res = subprocess.run(
+            ["systemd-analyze", "verify", str(copy)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert res.returncode == 0 and res.stderr == "", f"{unit.name}:\n{res.stdout}{res.stderr}"
+        # every command the unit runs is a real velocityfs command line
+        for line in body.splitlines():
+            key, _, command = line.partition("=")
+            if key not in ("ExecStart", "ExecStartPre", "ExecStop", "ExecReload"):
+                continue
+            argv = shlex.split(command)
+            assert argv[0] == INSTALLED and argv[1] == "--config", line
+            res = bare_cli(*argv[3:], "--help", config=example, flags=False, check=False)
+            assert res.code == 0, f"{unit.name}: {command}\n{res}"
+
+
+# -- mount(8) and fstab ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def mount_helper() -> Iterator[Path]:
+    """/sbin/mount.fuse.velocityfs for mount(8): the venv's helper, only for the test."""
+    created = False
+    if not HELPER_LINK.exists():
+        with contextlib.suppress(FileNotFoundError):
+            HELPER_LINK.unlink()  # a dangling link
+        HELPER_LINK.symlink_to(VENV_BIN / "mount.fuse.velocityfs")
+        created = True
+    try:
+        yield HELPER_LINK
+    finally:
+        if created:
+            with contextlib.suppress(FileNotFoundError):
+                HELPER_LINK.unlink()
+
+
+def daemon_pids(mountpoint: Path) -> list[int]:
+    res = subprocess.run(
+        ["pgrep", "-f", f"velocityfs --config .* mount {mountpoint}( |$)"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [int(pid) for pid in res.stdout.split()]
+
+
+def mount_entry(mountpoint: Path) -> list[str] | None:
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                return fields
+    return None
+
+
+@pytest.fixture
+def system_mounts(fuse_available) -> Iterator[list[Path]]:
+    """Mountpoints mounted through mount(8); whatever is left is undone afterwards."""
+    mountpoints: list[Path] = []
+    try:
+        yield mountpoints
+    finally:
+        for mnt in mountpoints:
+            if mountinfo_has(mnt):
+                subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30, check=False)
+            if mountinfo_has(mnt):
+                subprocess.run(
+                    ["fusermount3", "-u", "-z", str(mnt)],
+                    capture_output=True,
+                    timeout=30,
+                    check=False,
+                )
+            for pid in daemon_pids(mnt):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            name = str(mnt).strip("/").replace("/", "-")
+            for log in (
+                Path("/var/log/velocityfs") / f"{name}.log",
+                Path("/tmp") / f"velocityfs-{name}.log",
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    log.unlink()
+
+
+def umount_and_check_gone(mnt: Path) -> None:
+    res = subprocess.run(
+        ["umount", str(mnt)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert res.returncode == 0, res.stderr
+    wait_for(lambda: not daemon_pids(mnt), 30, "the daemon to exit after umount")
+    assert mount_entry(mnt) is None
+
+
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
+def test_mount_t_fuse_velocityfs_and_fstab(
+    mount_helper, system_mounts, vcli, catalog_url, store_dir, tmp_path
+):
+    vcli("init")
+    vcli("pool", "create", "tenants", "--quota-mib", "100")
+    config = write_config(tmp_path / "velocityfs.toml", catalog=catalog_url, store=str(store_dir))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    system_mounts.append(mnt)
+
+    res = subprocess.run(
+        ["mount", "-t", "fuse.velocityfs", str(config), str(mnt), "-o", "allow_other"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    entry = mount_entry(mnt)
+    assert entry is not None
+    fstype = entry[entry.index("-") + 1]
+    assert fstype == "fuse.velocityfs"
+    assert "allow_other" in entry[-1].split(",")
+    (pid,) = daemon_pids(mnt)
+    assert "--allow-other" in Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    data = pattern(3 * MIB)
+    (mnt / "tenants" / "disk.img").write_bytes(data)
+    assert (mnt / "tenants" / "disk.img").read_bytes() == data
+    umount_and_check_gone(mnt)
+    assert not (mnt / "tenants").exists()
+
+    fstab = tmp_path / "fstab"
+    fstab.write_text(
+        "# an fstab line as an operator writes it\n"
+        f"{config} {mnt} fuse.velocityfs allow_other,default_permissions,noauto 0 0\n"
+    )
+    res = subprocess.run(
+        ["mount", "-T", str(fstab), str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    entry = mount_entry(mnt)
+    assert entry is not None and entry[entry.index("-") + 1] == "fuse.velocityfs"
+    assert {"allow_other", "default_permissions"} <= set(entry[-1].split(","))
+    assert (mnt / "tenants" / "disk.img").read_bytes() == data
+    umount_and_check_gone(mnt)
+    assert vcli("fsck").code == 0
+
+
+# -- fsck -----------------------------------------------------------------------------------
+
+
+def test_fsck_finds_and_repairs_each_kind_of_damage(vcli, catalog_url, store_dir):
+    vcli("init")
+    for path, quota in (("tenants", "1000"), ("isos", "100"), ("spare", "10")):
+        vcli("pool", "create", path, "--quota-mib", quota)
+    vcli("pool", "create", "tenants/acme")
+    (store_dir / "vol" / "A").mkdir(parents=True)
+    vcli("volume", "add", "A")
+    with service(catalog_url, store_dir, "name vol.img :: A") as v:
+        tenants = v.pool_by_ref("tenants").id
+        grant_media = v.media.create(tenants, "grant.img", size=2 * MIB)
+        fill(grant_media.open_path, 2 * MIB, seed=1)
+        missing = v.media.create(v.pool_by_ref("tenants/acme").id, "missing.img", size=MIB)
+        resized = v.media.create(v.pool_by_ref("isos").id, "size.iso", size=MIB)
+        on_a = v.media.create(tenants, "vol.img", size=MIB, creator=Creator("x"))
+        fill(on_a.open_path, MIB, seed=2)
+        assert on_a.volume == "A"
+        intact = v.media.create(tenants, "intact.img", size=MIB)
+        want_intact = fill(intact.open_path, MIB, seed=3)
+
+        # 1. a stale grant: a writer that died holding room (and wrote 1 MiB more)
+        with v.db.transaction() as s:
+            holder = Holder(host=socket.gethostname(), pid=dead_pid(), started_ns=1, heartbeat_ns=1)
+            s.add(holder)
+            s.flush()
+            dead_holder = holder.id
+        v.ledger.reserve(grant_media.id, dead_holder, 4 * MIB)
+        with open(grant_media.open_path, "ab") as f:
+            f.write(pattern(MIB, seed=4))
+        # a live process's lease and upload are left alone
+        live_holder = v.ledger.register_holder()
+        used_before = {p.name: p.used_bytes for p in v.pools.all()}
+    # 2. a missing backing file
+    Path(missing.open_path).unlink()
+    # 3. an orphan file: bytes without a catalog row
+    orphan_id = str(uuid.uuid4())
+    orphan = store_dir / "media" / orphan_id[:2] / orphan_id
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"nobody's")
+    # 4. a size mismatch
+    with open(resized.open_path, "ab") as f:
+        f.write(b"x" * 1000)
+    # 5. a wrong usage total
+    with service(catalog_url, store_dir) as v, v.db.transaction() as s:
+        s.execute(text("UPDATE pools SET used_bytes = 777 WHERE name = 'spare'"))
+    # 6. a dangling volume symlink
+    dflt = Path(on_a.open_path)
+    dflt.unlink()
+    os.symlink(f"../../vol/gone/media/{on_a.id[:2]}/{on_a.id}", dflt)
+    # 7. an unfinished upload of a process that is gone, next to a live one's
+    gone = str(uuid.uuid4())
+    leftover = store_dir / "media" / ".uploads" / gone / str(uuid.uuid4())
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"partial upload")
+    live_upload = store_dir / "media" / ".uploads" / live_holder / str(uuid.uuid4())
+    live_upload.parent.mkdir(parents=True)
+    live_upload.write_bytes(b"in flight")
+
+    expected = [
+        f"stale-grant: 1 grant(s) of dead process {dead_holder}",
+        f"missing-file: media {missing.id} (tenants/acme/missing.img): backing file "
+        f"{missing.backing_path} is missing",
+        f"size: media {resized.id} (isos/size.iso): catalog says {MIB} bytes, "
+        f"the file has {MIB + 1000}",
+        f"volume-symlink: media {on_a.id} (tenants/vol.img): DEFAULT path {dflt} should link "
+        f"to ../../vol/A/media/{on_a.id[:2]}/{on_a.id} "
+        f"(-> ../../vol/gone/media/{on_a.id[:2]}/{on_a.id})",
+        f"orphan-file: {orphan}: no media {orphan_id} in the catalog",
+        f"orphan-upload: {leftover.parent}: unfinished uploads of a process that is gone",
+        "usage: pool spare: used 777 bytes recorded, 0 counted",
+    ]
+    res = vcli("fsck", check=False)
+    assert res.code == 1
+    lines = res.stdout.splitlines()
+    assert sorted(lines[:-1]) == sorted(f"PROBLEM {e}" for e in expected)
+    assert lines[-1] == f"0 repaired, {len(expected)} remaining"
+    # a report changes nothing
+    assert vcli("fsck", check=False).stdout == res.stdout
+
+    res = vcli("fsck", "--repair", check=False)
+    assert res.code == 0, res
+    lines = res.stdout.splitlines()
+    assert sorted(lines[:-1]) == sorted(f"REPAIRED {e}" for e in expected)
+    assert lines[-1] == f"{len(expected)} repaired, 0 remaining"
+    res = vcli("fsck")
+    assert res.stdout == "0 repaired, 0 remaining\n"
+
+    with service(catalog_url, store_dir) as v:
+        with v.db.transaction() as s:
+            assert s.execute(select(Grant.id)).first() is None
+            holders = set(s.execute(select(Holder.id)).scalars())
+        assert holders == {live_holder}
+        # the dead writer's bytes were kept (2 MiB + the 1 MiB it wrote), the rest returned
+        assert v.media.get(grant_media.id).size == 3 * MIB
+        assert os.stat(grant_media.open_path).st_size == 3 * MIB
+        assert v.media.get(resized.id).size == MIB + 1000
+        with pytest.raises(Exception, match="no media"):
+            v.media.get(missing.id)
+        used = {p.name: p.used_bytes for p in v.pools.all()}
+    assert used == {
+        "tenants": 3 * MIB + MIB + MIB,
+        "acme": 0,
+        "isos": MIB + 1000,
+        "spare": 0,
+    }
+    assert used_before["tenants"] > used["tenants"]  # the stale grant's room came back
+    assert not orphan.exists()
+    assert not leftover.parent.exists()
+    assert live_upload.read_bytes() == b"in flight"
+    assert os.readlink(dflt) == f"../../vol/A/media/{on_a.id[:2]}/{on_a.id}"
+    assert sha256_of(intact.open_path) == want_intact
+
+    # What fsck cannot repair keeps it failing, even with --repair.
+    shutil.rmtree(store_dir / "vol" / "A" / "media")
+    res = vcli("fsck", "--repair", check=False)
+    assert res.code == 1
+    assert res.stdout.splitlines() == [
+        f"PROBLEM volume-unmounted: volume 'A' has no media/ directory at "
+        f"{store_dir / 'vol' / 'A'}: is its disk mounted?",
+        "0 repaired, 1 remaining",
+    ]
+    # ... and its media were not "repaired" away
+    with service(catalog_url, store_dir) as v:
+        assert v.media.get(on_a.id).volume == "A"
+        v.ledger.retire_holder(live_holder)
+    assert live_upload.read_bytes() == b"in flight"
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+def test_status(tmpfs, vcli, catalog_url, store_dir, mount):
+    vcli("init")
+    vcli("pool", "create", "tenants", "--quota-mib", "100")
+    vcli("pool", "create", "tenants/acme", "--quota-mib", "50")
+    vcli("pool", "create", "isos", "--quota-mib", "20")
+    fast = tmpfs(store_dir / "vol" / "fast", "32m")
+    vcli("volume", "add", "fast")
+    m = mount()
+    (m / "tenants" / "acme" / "disk.img").write_bytes(pattern(5 * MIB))
+    wait_for(lambda: no_grants(catalog_url, store_dir), what="the writer's lease to go")
+
+    with service(catalog_url, store_dir) as v:
+        with v.db.transaction() as s:
+            revision = s.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+        pids = {p.name: p.id for p in v.pools.all()}
+    info = vcli("status", "--json").json()
+    assert set(info) == {"mounts", "catalog", "holders", "volumes", "pools"}
+    assert m.realpath in info["mounts"]
+    assert info["catalog"] == {"url": catalog_url, "revision": revision}
+    (holder,) = info["holders"]
+    assert (holder["host"], holder["pid"]) == (socket.gethostname(), m.pid)
+    volumes = {v["name"]: v for v in info["volumes"]}
+    assert set(volumes) == {"DEFAULT", "fast"}
+    assert volumes["fast"]["free_bytes"] == 32 * MIB
+    assert volumes["fast"]["path"] == str(fast)
+    assert (volumes["DEFAULT"]["media"], volumes["DEFAULT"]["used_bytes"]) == (1, 5 * MIB)
+    assert volumes["DEFAULT"]["free_bytes"] > 0
+    assert info["pools"] == [
+        {"path": "isos", "pid": pids["isos"], "used_bytes": 0, "quota_bytes": 20 * MIB},
+        {
+            "path": "tenants",
+            "pid": pids["tenants"],
+            "used_bytes": 5 * MIB,
+            "quota_bytes": 100 * MIB,
+        },
+        {
+            "path": "tenants/acme",
+            "pid": pids["acme"],
+            "used_bytes": 5 * MIB,
+            "quota_bytes": 50 * MIB,
+        },
+    ]
+
+    out = vcli("status").stdout.splitlines()
+    assert out[0] == f"catalog: {catalog_url} (schema {revision})"
+    assert out[1].startswith("mounts:  ") and m.realpath in out[1][9:].split(", ")
+    assert out[2] == f"process: {socket.gethostname()} pid {m.pid} (0 grants)"
+    rows = [line.split() for line in out]
+    assert ["fast", "0", "0.00", "32.00", str(fast)] in rows
+    assert ["tenants", "5.00", "100.00", "5%"] in rows
+    assert ["acme", "5.00", "50.00", "10%"] in rows
+    assert ["isos", "0.00", "20.00", "0%"] in rows
+    acme_line = next(line for line in out if line.split()[:1] == ["acme"])
+    assert acme_line.startswith("  acme")  # the tree is indented
+
+    m.stop()
+    info = vcli("status", "--json").json()
+    assert m.realpath not in info["mounts"]
+    assert info["holders"] == []
+
+
+# -- the daemon's log -----------------------------------------------------------------------
+
+ACCESS = re.compile(
+    r"^INFO velocityfs\.api: (GET|POST|PUT|DELETE|PATCH) (\S+) (\d{3}) (\d+\.\d)ms$"
+)
+
+
+def access_lines(log: str) -> list[tuple[str, str, int]]:
+    found = []
+    for line in log.splitlines():
+        match = ACCESS.match(line)
+        if match:
+            found.append((match[1], match[2], int(match[3])))
+            assert float(match[4]) >= 0
+    return found
+
+
+def api_requests(port: int, pid: str) -> tuple[list[tuple[str, str, int]], str]:
+    """A few requests of every kind; returns (method, logged path, status) each, and the key."""
+    made = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        res = http.post("/u/auth", json={"name": "alice", "password": "pw"})
+        assert res.status_code == 200
+        key = res.json()["authkey"]
+        made.append(("POST", "/u/auth", 200))
+        res = http.request("GET", "/p/media", json={"authkey": key, "pid": pid})
+        made.append(("GET", "/p/media", res.status_code))
+        res = http.request("GET", "/p/media", json={"authkey": "wrong", "pid": pid})
+        made.append(("GET", "/p/media", res.status_code))
+        res = http.put(f"/p/media/{key}/{pid}/upload.iso", content=pattern(MIB))
+        assert res.status_code == 200, res.text
+        made.append(("PUT", "/p/media/<authkey>/...", 200))
+        res = http.put(f"/p/media/{key}/{pid}/upload.iso", content=b"again")
+        made.append(("PUT", "/p/media/<authkey>/...", res.status_code))
+        res = http.get("/openapi.json")
+        made.append(("GET", "/openapi.json", res.status_code))
+        res = http.get("/nowhere")
+        made.append(("GET", "/nowhere", res.status_code))
+    assert [s for _m, _p, s in made] == [200, 200, 403, 200, 409, 200, 404]
+    return made, key
+
+
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
+def test_daemon_logs_api_requests(vcli, catalog_url, store_dir, mount):
+    vcli("init")
+    vcli("pool", "create", "tenants", "--quota-mib", "100")
+    with service(catalog_url, store_dir) as v:
+        v.accounts.add_user("alice", "pw")
+        v.accounts.add_group("ops")
+        v.accounts.add_member("ops", "alice")
+        pid = v.pool_by_ref("tenants").id
+        v.accounts.share(pid, "ops", list(PERMISSIONS))
+
+    port = free_port()
+    m = mount("--api", f"127.0.0.1:{port}")
+    made, key = api_requests(port, pid)
+    wait_for(lambda: len(access_lines(m.log)) >= len(made), what="the access log lines")
+    time.sleep(0.2)
+    assert access_lines(m.log) == made, m.log
+    assert key not in m.log
+    assert "INFO " in m.log
+    m.stop()
+
+    port = free_port()
+    quiet = mount("--api", f"127.0.0.1:{port}", "--log-level", "WARNING")
+    (quiet / "tenants" / "upload.iso").unlink()
+    made, key = api_requests(port, pid)
+    quiet.stop()
+    assert access_lines(quiet.log) == []
+    assert not [line for line in quiet.log.splitlines() if line.startswith("INFO")], quiet.log
+    assert key not in quiet.log
+    assert "velocityfs: mounted" in quiet.log
