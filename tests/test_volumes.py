@@ -670,7 +670,7 @@ def test_move_while_open_for_writing_is_refused_until_closed(vcli, store_dir, ca
         os.write(fd, data[: 8 * MIB])
         mid = mid_of(disk)
         for ref in (mid, str(disk)):
-            res = vcli("media", "set-volume", ref, "fast", check=False)
+            res = vcli("media", "set-volume", ref, "fast", "--wait", "0.3", check=False)
             assert res.code == 1
             assert res.stderr == (
                 "velocityfs: error: the media is open for writing: close it and try again\n"
@@ -683,7 +683,7 @@ def test_move_while_open_for_writing_is_refused_until_closed(vcli, store_dir, ca
         # a read-only opener next to the writer changes nothing
         with open(disk, "rb") as f:
             assert f.read(MIB) == data[:MIB]
-        res = vcli("media", "set-volume", mid, "fast", check=False)
+        res = vcli("media", "set-volume", mid, "fast", "--wait", "0.3", check=False)
         assert res.code == 1 and "open for writing" in res.stderr
     finally:
         os.close(fd)

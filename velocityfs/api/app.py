@@ -336,10 +336,19 @@ def create_app(
 class AccessLog:
     """One log line per request with status and time (authkeys in paths are masked).
 
-    It also drains a request body the app answered without reading: Hypercorn
-    blocks the final response send while its queue of unread body chunks is
-    full, so an early 403/409/413 on a large upload would hang otherwise.
+    It also ends an early answer (a 403/409/413 given before the request body
+    was read) properly: the answer's bytes go out at once, then the rest of the
+    body is read and dropped, and only then is the response ended. Hypercorn
+    closes a connection whose request body is unfinished as soon as the
+    response ends; closing a socket with unread data makes the kernel reset
+    the connection, which destroys the answer in the client's buffers (the
+    client sees "server disconnected without sending a response"). And with
+    its queue of unread body chunks full, Hypercorn cannot end the response
+    anyway.
     """
+
+    # A client that stops sending its body for this long gets its connection closed.
+    DRAIN_IDLE_S = 10.0
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -359,22 +368,29 @@ class AccessLog:
 
         async def drain() -> None:
             while not state["body_done"]:
-                await tracked_receive()
+                with trio.move_on_after(self.DRAIN_IDLE_S) as idle:
+                    await tracked_receive()
+                if idle.cancelled_caught:
+                    return
+
+        async def send_and_note(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+            final = message["type"] == "http.response.body" and not message.get("more_body", False)
+            if not final or state["body_done"]:
+                await send(message)
+                return
+            try:
+                if message.get("body"):
+                    await send({**message, "more_body": True})  # the client has its answer
+                await drain()
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError):
+                # The client hung up once it had the answer (e.g. a 413 before its body).
+                log.debug("client gone before the end of an early response")
 
         try:
-            async with trio.open_nursery() as nursery:
-
-                async def send_and_note(message: Any) -> None:
-                    if message["type"] == "http.response.start":
-                        state["status"] = message["status"]
-                    final = message["type"] == "http.response.body" and not message.get(
-                        "more_body", False
-                    )
-                    if final and not state["body_done"]:
-                        nursery.start_soon(drain)
-                    await send(message)
-
-                await self.app(scope, tracked_receive, send_and_note)
+            await self.app(scope, tracked_receive, send_and_note)
         finally:
             log.info(
                 "%s %s %d %.1fms",

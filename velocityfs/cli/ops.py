@@ -1,6 +1,7 @@
 """Operator commands: ``fsck`` and ``status``."""
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -23,7 +24,7 @@ def fsck(ctx: Context, repair: bool) -> None:
     checker = Fsck(ctx.velocity())
     remaining = repaired = 0
     with click.progressbar(
-        length=checker.media_count(), label="checking media", file=click.get_text_stream("stderr")
+        length=checker.media_count(), label="checking media", file=sys.stderr
     ) as bar:
         problems = list(_walk(checker, bar.update, repair))
     for problem, fixed in problems:

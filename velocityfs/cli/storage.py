@@ -141,15 +141,24 @@ def media_list(ctx: Context, pool_ref: str, as_json: bool) -> None:
 @media.command("set-volume")
 @click.argument("ref", metavar="MEDIA")
 @click.argument("target", metavar="VOLUME")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for writers to close the media before refusing.",
+)
 @pass_ctx
 @service_errors
-def media_set_volume(ctx: Context, ref: str, target: str) -> None:
+def media_set_volume(ctx: Context, ref: str, target: str, wait_s: float) -> None:
     """Move a media's bytes to VOLUME (copy, fsync, switch, remove the old copy).
 
-    Refused while the media is open for writing, or when VOLUME's disk lacks room.
+    Waits for writers to close it (then refuses), and refuses when VOLUME's disk
+    lacks room.
     """
     v = ctx.velocity()
     m = resolve_media(v, ref)
     with click.progressbar(length=m.size, label=f"{m.name} -> {target}", file=None) as bar:
-        source = v.volumes.move(m.id, target, progress=bar.update)
+        source = v.volumes.move(m.id, target, progress=bar.update, wait_s=wait_s)
     click.echo(f"moved {m.id} from {source} to {target}: {v.media.get(m.id).backing_path}")

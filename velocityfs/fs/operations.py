@@ -26,6 +26,7 @@ import trio
 from velocityfs.errors import QuotaExceeded, VelocityError
 from velocityfs.fs.errno_map import errno_of
 from velocityfs.fs.nodes import DirNode, Inodes, MediaNode, Node, blocks_of
+from velocityfs.service.ledger import Settlement
 from velocityfs.service.pools import mib_to_bytes
 from velocityfs.service.velocity import Velocity
 from velocityfs.service.views import Creator, MediaView, PoolView
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIB = 1 << 20
+# A new file's first grant: a small file is then written without another transaction.
+FIRST_GRANT = MIB
+# How long closes gather before their leases are released in one transaction.
+LEASE_BATCH_S = 0.05
 BLKSIZE = MIB
 XATTR_PREFIX = "user.velocity."
 
@@ -113,6 +118,8 @@ class VelocityOperations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.dir_handles: dict[int, list[tuple[str, Node]]] = {}
+        self._leases_to_drop: dict[str, MediaNode] = {}
+        self._lease_drop_wanted = trio.Event()
 
     # loading -------------------------------------------------------------
     def load(self) -> None:
@@ -326,16 +333,20 @@ class VelocityOperations(pyfuse3.Operations):
         text = os.fsdecode(name)
         if text in parent.children:
             raise fuse_error(errno.EEXIST)
-        view = await self.sql(
-            self.v.media.create,
+        view, granted = await self.sql(
+            self.v.media.create_open,
             parent.pool_id,
             text,
             mode=(mode & ~ctx.umask) & 0o7777,
             uid=ctx.uid,
             gid=ctx.gid,
             creator=creator_of(ctx.uid, ctx.gid),
+            holder_id=self.holder_id,
+            grant_chunk=FIRST_GRANT,
         )
         node = self.inodes.add_media(parent, view)
+        node.charged += granted
+        node.held = True
         parent.mtime_ns = parent.ctime_ns = view.ctime_ns
         return await self._open_handle(node, flags), self.attrs(node)
 
@@ -351,7 +362,8 @@ class VelocityOperations(pyfuse3.Operations):
         O_APPEND must not reach the backing file: pwrite would ignore our offsets.
         """
         writable = flags & os.O_ACCMODE != os.O_RDONLY
-        if writable and not node.held:
+        if writable:
+            # Under the node's lock: a batched lease release may be in flight.
             async with node.lock:
                 if not node.held:
                     await self.sql(self.v.ledger.hold, node.media_id, self.holder_id)
@@ -418,6 +430,13 @@ class VelocityOperations(pyfuse3.Operations):
                 raise fuse_error(errno.ENOSPC) from exc
             except VelocityError as exc:
                 raise fuse_error(errno_of(exc)) from exc
+            except CatalogUnavailable as exc:
+                # As in sql(): an exception escaping a handler would end the whole daemon.
+                log.warning("reserve: %s", exc)
+                raise fuse_error(errno.EIO) from exc
+            except Exception as exc:
+                log.exception("catalog call reserve failed")
+                raise fuse_error(errno.EIO) from exc
             node.charged += reservation.added
             node.held = True
 
@@ -482,8 +501,12 @@ class VelocityOperations(pyfuse3.Operations):
         node.open_count -= 1
         node.writers -= handle.writable
         try:
-            if node.writers == 0 and (node.held or node.dirty):
+            if node.writers == 0 and (node.dirty or node.size != node.settled or node.granted):
                 await self.settle(node, release_grant=True)
+            elif node.writers == 0 and node.held:
+                # Only the lease row is left (flush settled the rest): drop it in a batch.
+                self._leases_to_drop[node.media_id] = node
+                self._lease_drop_wanted.set()
         finally:
             os.close(handle.fd)
             if node.deleted and node.open_count == 0:
@@ -650,8 +673,40 @@ class VelocityOperations(pyfuse3.Operations):
         return node.pool_id
 
     # shutdown ------------------------------------------------------------
+    async def drop_leases_forever(self) -> None:
+        """Release the leases of closed files in batches: one transaction for many closes."""
+        while True:
+            await self._lease_drop_wanted.wait()
+            await trio.sleep(LEASE_BATCH_S)
+            self._lease_drop_wanted = trio.Event()
+            try:
+                await self.drop_leases()
+            except pyfuse3.FUSEError:
+                log.warning("could not release leases; they go when this mount's lease does")
+
+    async def drop_leases(self) -> None:
+        nodes = list(self._leases_to_drop.values())
+        self._leases_to_drop.clear()
+        async with contextlib.AsyncExitStack() as locks:
+            for node in nodes:
+                await locks.enter_async_context(node.lock)
+            closed = [n for n in nodes if n.writers == 0 and n.held and not n.deleted]
+            if not closed:
+                return
+            for node in closed:
+                node.charged = node.size
+            await self.sql(
+                self.v.ledger.settle_many,
+                self.holder_id,
+                [Settlement(n.media_id, n.size, mtime_ns=n.mtime_ns) for n in closed],
+            )
+            for node in closed:
+                node.settled = node.size
+                node.held = False
+
     async def settle_all(self) -> None:
         """On unmount: settle every open media and hand back every grant and lease."""
+        await self.drop_leases()
         for handle in list(self.handles.values()):
             handle.node.writers = 0
             if not handle.node.deleted:

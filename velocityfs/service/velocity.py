@@ -87,13 +87,15 @@ class Velocity:
         return rows
 
     def place(self, pool_id: str, name: str, creator: Creator | None) -> str:
-        """The volume policy's choice for new media."""
-        return self.explain_placement(self.pools.path(pool_id), name, creator).volume
+        """The volume policy's choice for new media (the pool's path is read only if a
+        rule looks at it: the default policy costs no query)."""
+        path = self.pools.path(pool_id) if self.policy.uses("pool") else ""
+        return self.explain_placement(path, name, creator).volume
 
     def explain_placement(self, pool_path: str, name: str, creator: Creator | None) -> Decision:
         creator = creator or Creator()
         subject = Subject(pool_path, name, creator.user, creator.groups)
-        return self.policy.decide(subject, self.volumes.names())
+        return self.policy.decide(subject, self.volumes.names)
 
     def pool_by_ref(self, ref: str) -> PoolView:
         """A pool by id, or by path of names (``tenants/acme``)."""

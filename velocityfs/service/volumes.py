@@ -101,6 +101,7 @@ class VolumeService:
         media_id: str,
         target: str,
         progress: Callable[[int], None] | None = None,
+        wait_s: float = 5.0,
     ) -> str:
         """Move a media's bytes to ``target``; returns the volume it came from.
 
@@ -109,16 +110,26 @@ class VolumeService:
         point the DEFAULT path at it and switch the catalog. A media open for
         writing anywhere (it has a grant, even of 0 bytes) is refused, and a
         writer cannot open it while the switch runs: opening for write takes
-        the same row lock.
+        the same row lock. A writer that just closed may hold its lease a
+        moment longer (the kernel reports closes asynchronously, and mounts
+        release leases in batches), so the move waits up to ``wait_s`` first.
         """
-        with self.db.transaction() as s:
-            media = s.get(Media, media_id)
-            if media is None:
-                raise NotFound(f"no media {media_id}")
-            if s.get(Volume, target) is None:
-                raise NotFound(f"no volume '{target}'")
-            source = media.volume
-            self._refuse_if_open(s, media_id)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                with self.db.transaction() as s:
+                    media = s.get(Media, media_id)
+                    if media is None:
+                        raise NotFound(f"no media {media_id}")
+                    if s.get(Volume, target) is None:
+                        raise NotFound(f"no volume '{target}'")
+                    source = media.volume
+                    self._refuse_if_open(s, media_id)
+                break
+            except Busy:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         if source == target:
             return source
         src = self.backing.path(source, media_id)
