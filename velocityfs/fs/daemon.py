@@ -108,6 +108,9 @@ def run_mount(
         trio.run(_serve, ops, mountpoint, api_bind)
     finally:
         pyfuse3.close(unmount=True)
-        velocity.ledger.retire_holder(ops.holder_id)
+        try:
+            velocity.ledger.retire_holder(ops.holder_id)
+        except Exception as exc:  # the catalog is away: the lease expires instead
+            log.warning("could not retire this mount's lease (%s); it will expire", exc)
         log.info("unmounted; %d catalog transactions committed", velocity.db.commits)
         velocity.close()
