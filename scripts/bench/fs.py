@@ -1,0 +1,837 @@
+#!/usr/bin/env python3
+"""Filesystem benchmark: velocityfs against the bare disk and against mergerfs, in one run.
+
+What it measures, on three targets that all live on the same disk (one work directory):
+
+* ``native``: a plain directory on that disk (the ceiling);
+* ``velocityfs``: a fresh SQLite catalog and store in the work directory, pool ``bench``,
+  mounted with ``velocityfs mount`` in a subprocess; the benchmark runs in ``MNT/bench``;
+* ``mergerfs``: mergerfs with the native directory as its only branch, i.e. a FUSE
+  pass-through written in C. It is the "what FUSE itself costs" baseline.
+
+Rows: sequential write (``os.write`` of 1 MiB buffers into a fresh file, close included,
+no fsync), sequential read of that file in 1 MiB reads after dropping the page cache,
+``cp`` of a file from the native disk into the target, create / stat / unlink of many
+4 KiB files (stat after the FUSE attribute caches have expired, so each stat is a round
+trip), and ``ls -l`` of a large directory (once right after creating it, once again).
+
+Why ratios: absolute numbers depend on the machine and on whatever else runs on it (a
+shared 2-core box is noisy). Every target is measured in the same run on the same disk,
+interleaved row by row, so ``target / native`` (for throughputs and op rates) or
+``native_seconds / target_seconds`` (for times) is comparable across machines and runs:
+1.0 means as fast as the bare disk, above 1 faster, below 1 slower. Comparing the
+velocityfs ratio with the mergerfs ratio separates what any FUSE filesystem pays (the
+kernel round trips) from what velocityfs itself adds (Python, trio, the catalog).
+
+mergerfs runs with the same kernel caching contract as velocityfs by default: pyfuse3
+replies to open() with keep_cache and without direct_io, which is mergerfs'
+``cache.files=full``; attribute and entry timeouts are both 1 s; and the mount's
+``read_ahead_kb`` is raised to the value velocityfs sets on its own mount. Use
+``--mergerfs-cache off`` for mergerfs' direct-I/O mode instead.
+
+Caches: every timed write starts after ``sync``; every read pass starts after ``sync`` and
+``echo 3 > /proc/sys/vm/drop_caches`` (root), falling back to ``posix_fadvise(DONTNEED)``
+on the file and its backing file. The ``cp`` source is read once before each copy, so
+the copy measures the destination's write path, not the source disk.
+
+Run as root (FUSE mounts, drop_caches), from the repository:
+``.venv/bin/python scripts/bench/fs.py --size-mib 1024 --files 5000 --entries 20000``.
+Nothing is left mounted on exit, Ctrl-C included; the work directory is removed unless
+``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MIB = 1 << 20
+SMALL_FILE = 4096
+REPO = Path(__file__).resolve().parents[2]
+TARGETS = ("native", "velocityfs", "mergerfs")
+MEMORY_FILESYSTEMS = {"tmpfs", "ramfs", "ramfs/tmpfs"}
+VELOCITYFS_READY = "velocityfs: mounted"
+MOUNT_TIMEOUT = 60.0
+ATTR_TIMEOUT = 1  # seconds, velocityfs' default --attr-timeout; mergerfs gets the same
+CACHE_EXPIRY_WAIT = ATTR_TIMEOUT + 0.5
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# mounts -------------------------------------------------------------------------------
+
+
+def _unescape(field_: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (``\\040``)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_)
+
+
+def mounts() -> dict[str, str]:
+    """Mount point -> ``major:minor`` of the mounted filesystem, from our mount table."""
+    table: dict[str, str] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            table[_unescape(parts[4])] = parts[2]
+    return table
+
+
+def is_mounted(path: Path) -> bool:
+    return str(path) in mounts()
+
+
+def fs_type(path: Path) -> str:
+    out = subprocess.run(
+        ["stat", "-f", "-c", "%T", str(path)], check=True, capture_output=True, text=True
+    )
+    return out.stdout.strip()
+
+
+class FuseMount:
+    """A FUSE daemon run in the foreground as a child, and its mount.
+
+    The child gets its own session, so a Ctrl-C on the terminal reaches only this
+    script, which then unmounts in order instead of racing the daemon's own handler.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        mountpoint: Path,
+        log_path: Path,
+        ready_line: str | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.mountpoint = mountpoint
+        self.log_path = log_path
+        self.ready_line = ready_line
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.device: str | None = None
+
+    def start(self) -> None:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        if is_mounted(self.mountpoint):
+            raise RuntimeError(f"{self.mountpoint} is already mounted")
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with status {self.proc.returncode} before mounting:\n"
+                    + self.log_tail()
+                )
+            ready = self.ready_line is None or self.ready_line in self.log_path.read_text(
+                errors="replace"
+            )
+            table = mounts()
+            if ready and str(self.mountpoint) in table:
+                self.device = table[str(self.mountpoint)]
+                return
+            time.sleep(0.05)
+        raise RuntimeError(
+            f"{self.name} did not mount within {MOUNT_TIMEOUT:.0f} s:\n" + self.log_tail()
+        )
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def bdi(self) -> Path | None:
+        if self.device is None:
+            return None
+        return Path(f"/sys/class/bdi/{self.device}")
+
+    def read_ahead_kb(self) -> int | None:
+        bdi = self.bdi()
+        try:
+            return int((bdi / "read_ahead_kb").read_text()) if bdi else None
+        except OSError:
+            return None
+
+    def set_read_ahead_kb(self, kb: int) -> None:
+        bdi = self.bdi()
+        if bdi is not None:
+            with contextlib.suppress(OSError):
+                (bdi / "read_ahead_kb").write_text(str(kb))
+
+    def peak_rss_mib(self) -> float | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return None
+        match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+        return int(match.group(1)) / 1024 if match else None
+
+    def _abort_connection(self) -> None:
+        """Last resort for a hung daemon: abort our own FUSE connection via fusectl."""
+        if self.device is None:
+            return
+        minor = self.device.split(":")[1]
+        with contextlib.suppress(OSError):
+            Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
+
+    def stop(self) -> None:
+        """Unmount (``fusermount3 -u``, then ``-u -z``) and make sure the daemon is gone."""
+        mp = str(self.mountpoint)
+        if is_mounted(self.mountpoint):
+            done = subprocess.run(["fusermount3", "-u", mp], capture_output=True)
+            if done.returncode != 0 and is_mounted(self.mountpoint):
+                log(f"{self.name}: fusermount3 -u failed ({done.stderr.decode().strip()}); -u -z")
+                subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name}: daemon still running after unmount; SIGTERM")
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    log(f"{self.name}: SIGKILL")
+                    self._abort_connection()
+                    self.proc.kill()
+                    self.proc.wait(timeout=30)
+        if is_mounted(self.mountpoint):
+            self._abort_connection()
+            subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
+        if is_mounted(self.mountpoint):
+            log(f"WARNING: {mp} is still mounted")
+
+
+def velocityfs_command() -> list[str]:
+    beside_python = Path(sys.executable).parent / "velocityfs"
+    for candidate in (REPO / ".venv" / "bin" / "velocityfs", beside_python):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return [str(candidate)]
+    found = shutil.which("velocityfs")
+    return [found] if found else [sys.executable, "-m", "velocityfs"]
+
+
+# caches -------------------------------------------------------------------------------
+
+
+class Caches:
+    """Make the next read cold: drop_caches when writable, else fadvise(DONTNEED)."""
+
+    def __init__(self) -> None:
+        self.methods: set[str] = set()
+
+    def drop(self, *paths: Path) -> None:
+        os.sync()
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        except OSError:
+            pass
+        else:
+            self.methods.add("drop_caches")
+            return
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        self.methods.add("fadvise" if paths else "none")
+
+    @property
+    def description(self) -> str:
+        return "+".join(sorted(self.methods)) or "not needed"
+
+
+# measurements -------------------------------------------------------------------------
+
+
+def _write_all(fd: int, buf: bytes | memoryview) -> None:
+    view = memoryview(buf)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def seq_write(path: Path, size_mib: int, block: bytes) -> float:
+    """Seconds to create ``path`` and write ``size_mib`` 1 MiB buffers into it, close included."""
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        for _ in range(size_mib):
+            _write_all(fd, block)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - start
+
+
+def seq_read(path: Path, expected: int, buf: bytearray) -> float:
+    """Seconds to open and read ``path`` to its end in 1 MiB reads."""
+    start = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    total = 0
+    try:
+        while n := os.readv(fd, [buf]):
+            total += n
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - start
+    if total != expected:
+        raise RuntimeError(f"read {total} bytes from {path}, expected {expected}")
+    return elapsed
+
+
+def read_through(path: Path, buf: bytearray) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while os.readv(fd, [buf]):
+            pass
+    finally:
+        os.close(fd)
+
+
+def timed_cp(source: Path, dest: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(["cp", str(source), str(dest)], check=True)
+    return time.perf_counter() - start
+
+
+def small_files(directory: Path, count: int) -> tuple[float, float, float]:
+    """Seconds to create (4 KiB each), stat and unlink ``count`` files in a new directory."""
+    directory.mkdir()
+    names = [str(directory / f"f{i:06d}") for i in range(count)]
+    payload = b"v" * SMALL_FILE
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    os.sync()
+    t0 = time.perf_counter()
+    for name in names:
+        fd = os.open(name, flags, 0o644)
+        try:
+            _write_all(fd, payload)
+        finally:
+            os.close(fd)
+    t1 = time.perf_counter()
+    # Let the FUSE targets' name and attribute caches expire (1 s on both), so that every
+    # stat is a round trip on each of them; otherwise the target that created its files
+    # fastest would find more of them still cached.
+    time.sleep(CACHE_EXPIRY_WAIT)
+    t2 = time.perf_counter()
+    sizes = [os.stat(name).st_size for name in names]
+    t3 = time.perf_counter()
+    for name in names:
+        os.unlink(name)
+    t4 = time.perf_counter()
+    directory.rmdir()
+    if any(size != SMALL_FILE for size in sizes):
+        raise RuntimeError(f"{directory}: a small file did not read back as {SMALL_FILE} bytes")
+    return t1 - t0, t3 - t2, t4 - t3
+
+
+def populate(directory: Path, count: int) -> None:
+    directory.mkdir()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    for i in range(count):
+        os.close(os.open(directory / f"e{i:06d}", flags, 0o644))
+
+
+def timed_ls(directory: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(
+        ["ls", "-l", str(directory)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+    return time.perf_counter() - start
+
+
+# results ------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    samples: dict[str, list[float]] = field(default_factory=lambda: {t: [] for t in TARGETS})
+
+    def add(self, target: str, value: float) -> None:
+        self.samples[target].append(value)
+
+    def median(self, target: str) -> float | None:
+        values = self.samples[target]
+        return statistics.median(values) if values else None
+
+    def ratio(self, target: str, baseline: str = "native") -> float | None:
+        """>1 means ``target`` is faster than ``baseline``."""
+        value, base = self.median(target), self.median(baseline)
+        if value is None or base is None or value == 0 or base == 0:
+            return None
+        return value / base if self.higher_is_better else base / value
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "row": self.key,
+            "label": self.label,
+            "unit": self.unit,
+            "higher_is_better": self.higher_is_better,
+            **{t: {"median": self.median(t), "samples": self.samples[t]} for t in TARGETS},
+            "ratio_to_native": {t: self.ratio(t) for t in TARGETS[1:]},
+            "velocityfs_to_mergerfs": self.ratio("velocityfs", "mergerfs"),
+        }
+
+
+def fmt_value(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "s":
+        return f"{value:.3f}"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if value < 0.095 else f"{value:.2f}"
+
+
+def table(rows: list[Row]) -> str:
+    header = ["row", "unit", "native", "velocityfs", "ratio", "mergerfs", "ratio", "vfs/mfs"]
+    lines = [
+        [
+            row.label,
+            row.unit,
+            fmt_value(row.median("native"), row.unit),
+            fmt_value(row.median("velocityfs"), row.unit),
+            fmt_ratio(row.ratio("velocityfs")),
+            fmt_value(row.median("mergerfs"), row.unit),
+            fmt_ratio(row.ratio("mergerfs")),
+            fmt_ratio(row.ratio("velocityfs", "mergerfs")),
+        ]
+        for row in rows
+    ]
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+
+    def render(cells: list[str]) -> str:
+        left = cells[0].ljust(widths[0]) + "  " + cells[1].ljust(widths[1])
+        return left + "".join("  " + c.rjust(w) for c, w in zip(cells[2:], widths[2:], strict=True))
+
+    rule = "-" * len(render(header))
+    return "\n".join([render(header), rule, *(render(r) for r in lines)])
+
+
+# the run ------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    directory: Path
+    backing: Callable[[Path], Path | None]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark velocityfs against the bare disk and mergerfs (ratios to native).",
+    )
+    p.add_argument(
+        "--size-mib",
+        type=int,
+        default=1024,
+        help="sequential write/read size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cp-mib",
+        type=int,
+        default=512,
+        help="size of the file copied with cp (default: %(default)s)",
+    )
+    p.add_argument(
+        "--files",
+        type=int,
+        default=5000,
+        help="small files to create/stat/unlink (default: %(default)s)",
+    )
+    p.add_argument(
+        "--entries",
+        type=int,
+        default=20000,
+        help="entries in the ls -l directory (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="repetitions per measurement (median) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        help="parent of the temporary work directory; must be a real disk, not tmpfs "
+        "(default: ./var/bench in the repository, else /var/tmp)",
+    )
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    p.add_argument(
+        "--mergerfs-cache",
+        default="full",
+        choices=["off", "partial", "full", "auto-full"],
+        help="mergerfs cache.files (default: full, velocityfs' keep_cache without direct_io)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
+    args = p.parse_args(argv)
+    for name in ("size_mib", "cp_mib", "files", "entries", "repeat"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def pick_workdir_parent(requested: Path | None) -> Path:
+    candidates = [requested] if requested else [REPO / "var" / "bench", Path("/var/tmp")]
+    for candidate in candidates:
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log(f"cannot use {candidate}: {exc}")
+            continue
+        kind = fs_type(candidate)
+        if kind in MEMORY_FILESYSTEMS:
+            log(f"{candidate} is on {kind}, not a disk; skipping")
+            continue
+        return candidate.resolve()
+    raise SystemExit("bench: no work directory on a real disk (try --workdir on one)")
+
+
+def check_space(workdir: Path, args: argparse.Namespace) -> None:
+    # Per repetition, the three targets hold one sequential file and one copy each at most.
+    need_mib = 3 * (args.size_mib + args.cp_mib) + args.cp_mib + 1024
+    st = os.statvfs(workdir)
+    free_mib = st.f_bavail * st.f_frsize // MIB
+    if free_mib < need_mib:
+        raise SystemExit(f"bench: {workdir} has {free_mib} MiB free, the run needs ~{need_mib}")
+
+
+def command_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+def git_commit() -> str | None:
+    out = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return out.stdout.strip() or None
+
+
+def ordered(targets: list[Target], rep: int) -> list[Target]:
+    """Rotate the order per repetition so no target always runs first (or last)."""
+    shift = rep % len(targets)
+    return targets[shift:] + targets[:shift]
+
+
+def run_rows(
+    targets: list[Target], args: argparse.Namespace, work: Path, caches: Caches
+) -> list[Row]:
+    rows = {
+        r.key: r
+        for r in [
+            Row("seq_write", f"seq write {args.size_mib} MiB (1 MiB writes)", "MiB/s", True),
+            Row("seq_read", f"seq read {args.size_mib} MiB (1 MiB reads, cold)", "MiB/s", True),
+            Row("cp", f"cp {args.cp_mib} MiB from native disk", "MiB/s", True),
+            Row("create", f"create {args.files} x 4 KiB files", "ops/s", True),
+            Row("stat", f"stat {args.files} files (attrs expired)", "ops/s", True),
+            Row("unlink", f"unlink {args.files} files", "ops/s", True),
+            Row("ls_cold", f"ls -l {args.entries} entries (just created)", "s", False),
+            Row("ls_warm", f"ls -l {args.entries} entries (again)", "s", False),
+        ]
+    }
+    block = bytes(range(256)) * (MIB // 256)
+    buf = bytearray(MIB)
+    size = args.size_mib * MIB
+
+    # The cp source lives on the native disk, outside every target.
+    source = work / "cp-source.bin"
+    log(f"writing the {args.cp_mib} MiB cp source")
+    seq_write(source, args.cp_mib, os.urandom(MIB))
+
+    def progress(target: Target, row: Row, rep: int, value: float) -> None:
+        log(f"{row.key:<9} {target.name:<10} #{rep + 1}: {fmt_value(value, row.unit)} {row.unit}")
+
+    for rep in range(args.repeat):
+        order = ordered(targets, rep)
+        for t in order:
+            os.sync()
+            path = t.directory / f"seq-{rep}.bin"
+            seconds = seq_write(path, args.size_mib, block)
+            rows["seq_write"].add(t.name, args.size_mib / seconds)
+            progress(t, rows["seq_write"], rep, args.size_mib / seconds)
+        for t in order:
+            path = t.directory / f"seq-{rep}.bin"
+            backing = t.backing(path)
+            caches.drop(*(p for p in (path, backing) if p is not None))
+            seconds = seq_read(path, size, buf)
+            rows["seq_read"].add(t.name, args.size_mib / seconds)
+            progress(t, rows["seq_read"], rep, args.size_mib / seconds)
+            path.unlink()
+
+    for rep in range(args.repeat):
+        for t in ordered(targets, rep):
+            dest = t.directory / f"cp-{rep}.bin"
+            read_through(source, buf)
+            os.sync()
+            seconds = timed_cp(source, dest)
+            if dest.stat().st_size != args.cp_mib * MIB:
+                raise RuntimeError(f"cp produced {dest.stat().st_size} bytes in {dest}")
+            rows["cp"].add(t.name, args.cp_mib / seconds)
+            progress(t, rows["cp"], rep, args.cp_mib / seconds)
+            dest.unlink()
+    source.unlink()
+
+    for rep in range(args.repeat):
+        for t in ordered(targets, rep):
+            created, statted, unlinked = small_files(t.directory / f"files-{rep}", args.files)
+            for key, seconds in (("create", created), ("stat", statted), ("unlink", unlinked)):
+                rows[key].add(t.name, args.files / seconds)
+                progress(t, rows[key], rep, args.files / seconds)
+
+    # Last, because the directories stay (the work directory goes away as a whole): on
+    # velocityfs every unlink is a catalog transaction, which this row does not measure.
+    for rep in range(args.repeat):
+        for t in ordered(targets, rep):
+            directory = t.directory / f"ls-{rep}"
+            log(f"ls        {t.name:<10} #{rep + 1}: creating {args.entries} entries")
+            populate(directory, args.entries)
+            for key in ("ls_cold", "ls_warm"):
+                seconds = timed_ls(directory)
+                rows[key].add(t.name, seconds)
+                progress(t, rows[key], rep, seconds)
+            listed = len(os.listdir(directory))
+            if listed != args.entries:
+                raise RuntimeError(f"{directory} lists {listed} entries, not {args.entries}")
+    return list(rows.values())
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def mergerfs_options(args: argparse.Namespace) -> str:
+    return ",".join(
+        [
+            "fsname=bench-mergerfs",
+            "category.create=ff",
+            f"cache.files={args.mergerfs_cache}",
+            "dropcacheonclose=false",
+            f"cache.attr={ATTR_TIMEOUT}",
+            f"cache.entry={ATTR_TIMEOUT}",
+            "cache.negative_entry=0",
+            "minfreespace=0",
+        ]
+    )
+
+
+def environment(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    dev = os.stat(work).st_dev
+    return {
+        "workdir": str(work),
+        "filesystem": fs_type(work),
+        "device": f"{os.major(dev)}:{os.minor(dev)}",
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "mergerfs": command_version(["mergerfs", "--version"]),
+        "mergerfs_options": mergerfs_options(args),
+        "cp": command_version(["cp", "--version"]),
+        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def benchmark(
+    work: Path, args: argparse.Namespace, env: dict[str, Any], started: list[FuseMount]
+) -> list[Row]:
+    """Set up the three targets in ``work``, run every row, return the rows.
+
+    Each mount is appended to ``started`` before it is started, so the caller can
+    tear down whatever came up, whatever happens here.
+    """
+    # The disk directory is also mergerfs' only branch; each target works in its own
+    # subdirectory of it, so their files never meet.
+    native_root = work / "native"
+    (native_root / "native").mkdir(parents=True)
+    (native_root / "mergerfs").mkdir()
+    vfs_mnt, mfs_mnt = work / "mnt", work / "mergerfs"
+    vfs = [*velocityfs_command(), "--catalog", f"sqlite:///{work}/catalog.sqlite"]
+    vfs += ["--store", str(work / "store")]
+    quota_mib = 2 * (args.size_mib + args.cp_mib) + args.files * SMALL_FILE // MIB + 1024
+    env["velocityfs_quota_mib"] = quota_mib
+    subprocess.run([*vfs, "init"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*vfs, "pool", "create", "bench", "--quota-mib", str(quota_mib)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    mount_args = ["--attr-timeout", str(ATTR_TIMEOUT), "--log-level", "WARNING"]
+    velocityfs = FuseMount(
+        "velocityfs",
+        [*vfs, "mount", str(vfs_mnt), *mount_args],
+        vfs_mnt,
+        work / "velocityfs.log",
+        ready_line=VELOCITYFS_READY,
+    )
+    started.append(velocityfs)
+    velocityfs.start()
+    mergerfs = FuseMount(
+        "mergerfs",
+        ["mergerfs", "-f", "-o", mergerfs_options(args), str(native_root), str(mfs_mnt)],
+        mfs_mnt,
+        work / "mergerfs.log",
+    )
+    started.append(mergerfs)
+    mergerfs.start()
+    read_ahead = velocityfs.read_ahead_kb()
+    if read_ahead is not None and args.mergerfs_cache != "off":
+        mergerfs.set_read_ahead_kb(read_ahead)
+    env["read_ahead_kb"] = {
+        "velocityfs": velocityfs.read_ahead_kb(),
+        "mergerfs": mergerfs.read_ahead_kb(),
+    }
+    log(f"mounted velocityfs on {vfs_mnt} and mergerfs on {mfs_mnt}")
+
+    def velocityfs_backing(path: Path) -> Path | None:
+        try:
+            return Path(os.fsdecode(os.getxattr(path, "user.velocity.backing_path")))
+        except OSError:
+            return None
+
+    targets = [
+        Target("native", native_root / "native", lambda p: None),
+        Target("velocityfs", vfs_mnt / "bench", velocityfs_backing),
+        Target("mergerfs", mfs_mnt / "mergerfs", lambda p: native_root / "mergerfs" / p.name),
+    ]
+    caches = Caches()
+    rows = run_rows(targets, args, work, caches)
+    env["cold_reads"] = caches.description
+    env["peak_rss_mib"] = {
+        "velocityfs": velocityfs.peak_rss_mib(),
+        "mergerfs": mergerfs.peak_rss_mib(),
+    }
+    return rows
+
+
+def teardown(work: Path, started: list[FuseMount], *, keep: bool, failed: bool) -> None:
+    """Unmount everything (mergerfs first), then remove the work directory."""
+    for mount in reversed(started):
+        if failed:
+            log(f"{mount.name} log ({mount.log_path}):\n{mount.log_tail()}")
+        try:
+            mount.stop()
+        except Exception as exc:  # keep going: the other mount must go too
+            log(f"{mount.name}: teardown failed: {exc}")
+    still = [m for m in mounts() if m == str(work) or m.startswith(f"{work}/")]
+    if still:
+        log(f"WARNING: still mounted, keeping {work}: {', '.join(still)}")
+    elif keep:
+        log(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(rows: list[Row], env: dict[str, Any], args: argparse.Namespace) -> None:
+    load = f"{' '.join(env['loadavg_start'])} -> {' '.join(env['loadavg_end'])}"
+    print(
+        f"velocityfs benchmark: {env['workdir']} on {env['filesystem']} ({env['device']}), "
+        f"kernel {env['kernel']}, {env['cpus']} CPUs, git {env['git_commit']}"
+    )
+    print(
+        f"repeat {args.repeat} (medians); cold reads via {env['cold_reads']}; "
+        f"read_ahead_kb {env['read_ahead_kb']}; load {load}"
+    )
+    print(f"{env['mergerfs']}: -o {env['mergerfs_options']}")
+    print(f"peak RSS MiB: {env['peak_rss_mib']}")
+    print("ratio = target vs native, vfs/mfs = velocityfs vs mergerfs; > 1 means faster\n")
+    print(table(rows))
+    if args.json:
+        config = {
+            k: getattr(args, k)
+            for k in ("size_mib", "cp_mib", "files", "entries", "repeat", "mergerfs_cache")
+        }
+        document = {"config": config, "environment": env, "rows": [r.as_dict() for r in rows]}
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        log(f"wrote {args.json}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        log("not root: mounting may work, drop_caches will not (reads fall back to fadvise)")
+    for tool in ("mergerfs", "fusermount3", "cp", "ls", "stat"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"bench: {tool} is not installed")
+    parent = pick_workdir_parent(args.workdir)
+    check_space(parent, args)
+    # Ctrl-C, kill and a closed terminal all unwind through the teardown below (SIGINT
+    # too when started in the background, where the shell would have it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+
+    work = Path(tempfile.mkdtemp(prefix="fs-", dir=parent))
+    started: list[FuseMount] = []
+    failed = True
+    try:
+        env = environment(work, args)
+        log(f"work directory {work} ({env['filesystem']})")
+        rows = benchmark(work, args, env, started)
+        failed = False
+    except KeyboardInterrupt:
+        failed = False  # stopped, not broken: no daemon logs to show
+        log("interrupted; unmounting")
+        return 130
+    finally:
+        # A second signal must not cut the teardown short and leave a mount behind.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+        teardown(work, started, keep=args.keep, failed=failed)
+    env["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    report(rows, env, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
