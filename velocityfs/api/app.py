@@ -42,6 +42,9 @@ STATUS: list[tuple[type[errors.VelocityError], int]] = [
 ]
 
 
+UPLOAD_CHUNK = 64 * MIB
+
+
 class BadRequest(errors.VelocityError):
     """A missing or malformed field (400)."""
 
@@ -163,7 +166,7 @@ class Shim:
         authkey = authkey_of(data)
         if request.method == "GET":
             gid = text_field(data, "gid")
-            shared = await self.call(self.access.group_pools, authkey, gid)
+            gid, shared = await self.call(self.access.group_pools, authkey, gid)
             return JSONResponse(
                 {
                     "gid": gid,
@@ -285,15 +288,12 @@ class Shim:
         return JSONResponse({"pid": pid, "filename": view.name, "mid": view.id})
 
     async def _grow(self, upload: Upload, end: int) -> None:
-        """Reserve ahead in chunks (fewer transactions); near the limit, exactly what is needed."""
-        need = end - upload.reserved
+        """Reserve ahead in chunks, one transaction each: 64 MiB far from a limit, a
+        quarter of what is left near it, never less than the chunk that arrived."""
         try:
-            await self.call(upload.reserve, max(need, 64 * MIB))
-        except errors.QuotaExceeded:
-            try:
-                await self.call(upload.reserve, need)
-            except errors.QuotaExceeded as exc:
-                raise TooLarge("the upload passes a pool's quota") from exc
+            await self.call(upload.reserve, end - upload.reserved, UPLOAD_CHUNK)
+        except errors.QuotaExceeded as exc:
+            raise TooLarge("the upload passes a pool's quota") from exc
 
     async def openapi(self, request: Request) -> JSONResponse:
         return JSONResponse(OPENAPI)

@@ -14,6 +14,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from velocityfs.api.app import Mirror, create_app
+from velocityfs.errors import VelocityError
 from velocityfs.notify import sd_notify
 from velocityfs.service.access import Access
 from velocityfs.service.velocity import Velocity
@@ -45,8 +46,31 @@ async def serve_api(
     # Stopped by cancellation from the caller's nursery; an explicit trigger also
     # keeps Hypercorn from installing signal handlers of its own.
     never = trio.Event()
-    log.info("API listening on http://%s", bind)
-    await serve(app, hypercorn_config(bind), shutdown_trigger=never.wait, task_status=task_status)
+    try:
+        await serve(
+            app, hypercorn_config(bind), shutdown_trigger=never.wait, task_status=task_status
+        )
+    except* OSError as group:
+        exc: BaseException = group
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise CannotListen(f"cannot serve the API on {bind}: {reason}") from None
+
+
+class CannotListen(VelocityError):
+    """The API's address is taken or not ours (one line for the operator, no traceback)."""
+
+
+def unwrap_listen_error(group: BaseExceptionGroup) -> CannotListen | None:
+    """Trio reports a failed bind inside exception groups; find it for a plain message."""
+    found = group.subgroup(CannotListen)
+    while found is not None:
+        first = found.exceptions[0]
+        if isinstance(first, CannotListen):
+            return first
+        found = first  # type: ignore[assignment]
+    return None
 
 
 async def keep_lease(velocity: Velocity, offload: Offload, holder_id: str) -> None:
@@ -81,6 +105,11 @@ def run_standalone(velocity: Velocity, bind: str, catalog_timeout_s: float = 10.
 
     try:
         trio.run(main)
+    except BaseExceptionGroup as group:
+        listen_error = unwrap_listen_error(group)
+        if listen_error is None:
+            raise
+        raise listen_error from None
     finally:
         velocity.ledger.retire_holder(holder)
         velocity.close()

@@ -22,6 +22,7 @@ DEMO_POOLS = (
 def setup_logging(level: str) -> None:
     """Plain lines on stderr: journald stamps time and unit itself."""
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 @click.command()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from velocityfs.api.server import serve_api
+from velocityfs.api.server import serve_api, unwrap_listen_error
 from velocityfs.fs.follow import Follower
 from velocityfs.fs.operations import VelocityOperations
 from velocityfs.notify import sd_notify
@@ -106,6 +106,11 @@ def run_mount(
     )
     try:
         trio.run(_serve, ops, mountpoint, api_bind)
+    except BaseExceptionGroup as group:
+        listen_error = unwrap_listen_error(group)
+        if listen_error is None:
+            raise
+        raise listen_error from None
     finally:
         pyfuse3.close(unmount=True)
         try:

@@ -60,10 +60,11 @@ class Access:
         return user_id
 
     # pools -----------------------------------------------------------------
-    def group_pools(self, authkey: str, group_id: str) -> list[SharedPool]:
-        """Pools shared with a group that carry ``velocity.pool.view``.
+    def group_pools(self, authkey: str, group_id: str) -> tuple[str, list[SharedPool]]:
+        """The group's id and its pools' shares that carry ``velocity.pool.view``.
 
-        The caller must belong to the group or to the root group.
+        ``group_id`` may also be the group's name. The caller must belong to
+        the group or to the root group.
         """
         user_id = self.v.accounts.authenticate(authkey)
         group_id = self._existing_group(group_id)
@@ -79,7 +80,7 @@ class Access:
             listed.append(
                 SharedPool(pool, self.v.pools.effective_quota(pool.id), share.permissions)
             )
-        return sorted(listed, key=lambda s: s.pool.name)
+        return group_id, sorted(listed, key=lambda s: s.pool.name)
 
     def _existing_group(self, group_id: str) -> str:
         for gid, name in self.v.accounts.groups():
@@ -168,17 +169,19 @@ class Upload:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
-    def reserve(self, need: int) -> None:
-        """Grow the grant by ``need`` bytes or raise QuotaExceeded (the API's 413)."""
-        self.grant_id = self.v.ledger.reserve_in_pool(
-            self.pool_id, self.holder_id, need, self.grant_id
+    def reserve(self, need: int, chunk: int = 0) -> None:
+        """Grow the grant by at least ``need`` bytes (ahead by up to ``chunk``), or raise
+        QuotaExceeded (the API's 413)."""
+        reservation = self.v.ledger.reserve_in_pool(
+            self.pool_id, self.holder_id, need, self.grant_id, chunk
         )
-        self.reserved += need
+        self.grant_id = reservation.grant_id
+        self.reserved += reservation.added
 
     def commit(self, size: int) -> MediaView:
         assert self.grant_id is not None or size == 0
         if self.grant_id is None:
-            self.grant_id = self.v.ledger.reserve_in_pool(self.pool_id, self.holder_id, 0)
+            self.grant_id = self.v.ledger.reserve_in_pool(self.pool_id, self.holder_id, 0).grant_id
         try:
             return self.v.media.adopt_upload(
                 self.grant_id,

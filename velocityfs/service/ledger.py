@@ -301,16 +301,27 @@ class Ledger:
                 )
 
     def reserve_in_pool(
-        self, pool_id: str, holder_id: str, need: int, grant_id: str | None = None
-    ) -> str:
-        """Reserve exactly ``need`` bytes in a pool for media that does not exist yet.
+        self,
+        pool_id: str,
+        holder_id: str,
+        need: int,
+        grant_id: str | None = None,
+        chunk: int = 0,
+    ) -> Reservation:
+        """Reserve at least ``need`` bytes in a pool for media that does not exist yet.
 
         Uploads use this: the room is charged before the bytes arrive and the
-        grant is adopted by the media row when the upload completes. Returns the
-        grant id (``grant_id`` when growing an existing grant).
+        grant is adopted by the media row when the upload completes. With
+        ``chunk`` it reserves ahead as ``reserve`` does (a chunk far from a
+        limit, a quarter of what is left near it). Returns the grant (a new
+        one, or ``grant_id`` grown) and the bytes added.
         """
         with self.db.transaction() as s:
             (chain,) = lock_chains(s, pool_id)
+            available = room(chain)
+            if available < need:
+                raise QuotaExceeded(f"pool '{chain[-1].name}': {available} bytes left")
+            need = grant_size(need, available, chunk) if chunk else need
             charge(chain, need)
             grant = s.get(Grant, grant_id) if grant_id else None
             if grant is None:
@@ -324,7 +335,7 @@ class Ledger:
                 s.add(grant)
             grant.bytes += need
             s.flush()
-            return grant.id
+            return Reservation(grant.id, need)
 
     def release(self, grant_id: str) -> None:
         """Hand a grant's room back to its pool chain (an aborted upload)."""

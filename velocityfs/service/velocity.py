@@ -3,10 +3,8 @@
 import os
 from dataclasses import dataclass
 
-from sqlalchemy import inspect
-
 from velocityfs.catalog.database import Database
-from velocityfs.catalog.schema import upgrade
+from velocityfs.catalog.schema import revisions, upgrade
 from velocityfs.errors import VelocityError
 from velocityfs.service.accounts import DEFAULT_AUTHKEY_LIFETIME_S, AccountService
 from velocityfs.service.changes import ChangeFeed
@@ -62,9 +60,16 @@ class Velocity:
         self.accounts.ensure_root_group()
 
     def require_initialised(self) -> None:
-        if not inspect(self.db.engine).has_table("pools"):
+        """Refuse to work on a catalog that is missing or older than this code."""
+        current, head = revisions(self.db.engine)
+        if current is None:
             raise NotInitialised(
                 f"catalog {self.db.engine.url!r} is not initialised: run 'velocityfs init'"
+            )
+        if current != head:
+            raise NotInitialised(
+                f"catalog {self.db.engine.url!r} is at schema {current}, this velocityfs needs "
+                f"{head}: run 'velocityfs init' to upgrade it"
             )
         if not (self.backing.top / "media").is_dir():
             raise NotInitialised(f"store {self.backing.top} has no media/: run 'velocityfs init'")
