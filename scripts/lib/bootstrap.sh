@@ -11,7 +11,8 @@ export TOP
 cd "$TOP"
 
 VELOCITYFS_DEB_PACKAGES=(
-    fuse3 libfuse3-dev pkg-config postgresql rsync mergerfs qemu-utils attr util-linux systemd
+    fuse3 libfuse3-dev pkg-config postgresql rsync mergerfs qemu-utils attr util-linux systemd wrk
+    curl
     mount
 )
 

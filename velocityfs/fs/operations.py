@@ -354,7 +354,15 @@ class VelocityOperations(pyfuse3.Operations):
         node = self.node(inode)
         if not isinstance(node, MediaNode):
             raise fuse_error(errno.EISDIR)
-        return await self._open_handle(node, flags)
+        info = await self._open_handle(node, flags)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            # libfuse asks for atomic O_TRUNC: the kernel leaves the truncation to us.
+            try:
+                await self.truncate(node, 0)
+            except BaseException:
+                await self.release(info.fh)
+                raise
+        return info
 
     async def _open_handle(self, node: MediaNode, flags: int) -> pyfuse3.FileInfo:
         """Open the DEFAULT path (it follows a volume move); writers first take a lease.
@@ -480,6 +488,10 @@ class VelocityOperations(pyfuse3.Operations):
                 os.truncate(node.open_path, size)
             except OSError as exc:
                 raise fuse_error(exc.errno or errno.EIO) from exc
+            if size < node.size:
+                # The cut bytes were data, not reservation: they go back to the pool
+                # now, even while a writer keeps the file open (its grant stays as it was).
+                node.charged -= node.size - size
             node.size = size
             node.mtime_ns = node.ctime_ns = time.time_ns()
             node.dirty = True

@@ -12,8 +12,8 @@ import os
 import uuid
 from dataclasses import dataclass
 
-from velocityfs.errors import Conflict, NotFound, PermissionDenied
-from velocityfs.service.accounts import IssuedKey
+from velocityfs.errors import Conflict, PermissionDenied
+from velocityfs.service.accounts import Caller, IssuedKey
 from velocityfs.service.names import check_name
 from velocityfs.service.velocity import Velocity
 from velocityfs.service.views import Creator, MediaView, PoolView
@@ -52,12 +52,12 @@ class Access:
         self.v.accounts.drop(authkey)
 
     # checks ----------------------------------------------------------------
-    def _require(self, authkey: str, pool_id: str, permission: str) -> str:
-        user_id = self.v.accounts.authenticate(authkey)
-        self.v.pools.get(pool_id)
-        if not self.v.accounts.may(user_id, pool_id, permission):
+    def _require(self, authkey: str, pool_id: str, permission: str) -> Caller:
+        """Two transactions: who the caller is, and what it may do on the pool."""
+        caller = self.v.accounts.identify(authkey)
+        if permission not in self.v.accounts.caller_permissions(caller, pool_id):
             raise PermissionDenied(f"{permission} is not granted on pool {pool_id}")
-        return user_id
+        return caller
 
     # pools -----------------------------------------------------------------
     def group_pools(self, authkey: str, group_id: str) -> tuple[str, list[SharedPool]]:
@@ -66,27 +66,16 @@ class Access:
         ``group_id`` may also be the group's name. The caller must belong to
         the group or to the root group.
         """
-        user_id = self.v.accounts.authenticate(authkey)
-        group_id = self._existing_group(group_id)
-        if group_id not in self.v.accounts.group_ids_of(user_id) and not self.v.accounts.is_root(
-            user_id
-        ):
+        caller = self.v.accounts.identify(authkey)
+        gid, shares = self.v.accounts.viewable_shares(group_id)
+        if gid not in caller.group_ids and not caller.is_root:
             raise PermissionDenied("the caller is not a member of that group")
-        listed = []
-        for share in self.v.accounts.shares_of_group(group_id):
-            if VIEW not in share.permissions:
-                continue
-            pool = self.v.pools.get(share.pool_id)
-            listed.append(
-                SharedPool(pool, self.v.pools.effective_quota(pool.id), share.permissions)
-            )
-        return group_id, sorted(listed, key=lambda s: s.pool.name)
-
-    def _existing_group(self, group_id: str) -> str:
-        for gid, name in self.v.accounts.groups():
-            if group_id in (gid, name):
-                return gid
-        raise NotFound(f"no group {group_id}")
+        listed = [
+            SharedPool(pool, quota, permissions)
+            for pool, quota, permissions in shares
+            if VIEW in permissions
+        ]
+        return gid, sorted(listed, key=lambda s: s.pool.name)
 
     def create_pool(
         self, authkey: str, parent_id: str, name: str, quota_bytes: int | None
@@ -105,22 +94,13 @@ class Access:
         return self.v.media.in_pool(pool_id)
 
     def create_media(self, authkey: str, pool_id: str, name: str, size: int) -> MediaView:
-        user_id = self._require(authkey, pool_id, MEDIA_CREATE)
-        return self.v.media.create(pool_id, name, size=size, creator=self._creator(user_id))
-
-    def _creator(self, user_id: str) -> Creator:
-        """The API user and its groups, as the volume policy sees them."""
-        names = dict(self.v.accounts.users())
-        groups = dict(self.v.accounts.groups())
-        return Creator(
-            user=names.get(user_id),
-            groups=frozenset(groups[g] for g in self.v.accounts.group_ids_of(user_id)),
-        )
+        caller = self._require(authkey, pool_id, MEDIA_CREATE)
+        return self.v.media.create(pool_id, name, size=size, creator=_creator(caller))
 
     def remove_media(self, authkey: str, media_id: str) -> MediaView:
-        user_id = self.v.accounts.authenticate(authkey)
+        caller = self.v.accounts.identify(authkey)
         media = self.v.media.get(media_id)
-        if not self.v.accounts.may(user_id, media.pool_id, MEDIA_REMOVE):
+        if MEDIA_REMOVE not in self.v.accounts.caller_permissions(caller, media.pool_id):
             raise PermissionDenied(f"{MEDIA_REMOVE} is not granted on pool {media.pool_id}")
         self.v.media.remove(media_id)
         return media
@@ -133,14 +113,19 @@ class Access:
         A declared length is reserved in full up front, so a body that cannot
         fit is refused before reading it.
         """
-        user_id = self._require(authkey, pool_id, MEDIA_CREATE)
+        caller = self._require(authkey, pool_id, MEDIA_CREATE)
         check_name(name, "file name")
         if self.v.pools.name_taken(pool_id, name):
             raise Conflict(f"'{name}' already exists in that pool")
-        upload = Upload(self.v, pool_id, name, holder_id, self._creator(user_id))
+        upload = Upload(self.v, pool_id, name, holder_id, _creator(caller))
         if length:
             upload.reserve(length)
         return upload
+
+
+def _creator(caller: Caller) -> Creator:
+    """The API user and its groups, as the volume policy sees them."""
+    return Creator(user=caller.name, groups=caller.group_names)
 
 
 class Upload:

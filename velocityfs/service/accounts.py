@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 from velocityfs.catalog.database import Database
 from velocityfs.catalog.models import AuthKey, Group, Membership, Pool, Share, User
@@ -24,6 +25,8 @@ from velocityfs.errors import (
 )
 from velocityfs.service.ledger import chain_ids
 from velocityfs.service.names import check_name
+from velocityfs.service.pools import pool_view
+from velocityfs.service.views import PoolView
 
 ROOT_GROUP = "root"
 
@@ -65,10 +68,42 @@ class IssuedKey:
 
 
 @dataclass(frozen=True)
+class Caller:
+    """An authenticated API user and the groups it acts through."""
+
+    user_id: str
+    name: str
+    group_ids: frozenset[str]
+    group_names: frozenset[str]
+
+    @property
+    def is_root(self) -> bool:
+        return ROOT_GROUP in self.group_names
+
+
+@dataclass(frozen=True)
 class ShareView:
     pool_id: str
     group_id: str
     permissions: list[str]
+
+
+def caller_of(s: Session, user_id: str) -> Caller:
+    """A user and its groups, as permission checks see them."""
+    user = s.get(User, user_id)
+    if user is None:
+        raise NotFound(f"no user {user_id}")
+    groups = s.execute(
+        select(Group.id, Group.name)
+        .join(Membership, Membership.group_id == Group.id)
+        .where(Membership.user_id == user_id)
+    ).all()
+    return Caller(
+        user_id=user.id,
+        name=user.name,
+        group_ids=frozenset(gid for gid, _name in groups),
+        group_names=frozenset(name for _gid, name in groups),
+    )
 
 
 class AccountService:
@@ -211,44 +246,69 @@ class AccountService:
             rows = s.execute(select(Share).where(Share.group_id == group_id)).scalars()
             return [ShareView(r.pool_id, r.group_id, r.permissions.split(",")) for r in rows]
 
+    def viewable_shares(self, group_ref: str) -> tuple[str, list[tuple[PoolView, int, list[str]]]]:
+        """A group's id (``group_ref`` is its id or name) and its shares, each with the
+        pool, the pool's effective quota (its own or the nearest ancestor's) and the
+        permissions: one transaction, for ``GET /p``."""
+        with self.db.transaction() as s:
+            group = (
+                s.get(Group, group_ref)
+                or s.execute(select(Group).where(Group.name == group_ref)).scalar_one_or_none()
+            )
+            if group is None:
+                raise NotFound(f"no group {group_ref}")
+            listed = []
+            for share, pool in s.execute(
+                select(Share, Pool)
+                .join(Pool, Pool.id == Share.pool_id)
+                .where(Share.group_id == group.id)
+            ).all():
+                quota = pool.quota_bytes
+                parent = pool.parent_id
+                while quota is None and parent is not None:
+                    ancestor = s.get(Pool, parent)
+                    assert ancestor is not None
+                    quota, parent = ancestor.quota_bytes, ancestor.parent_id
+                listed.append((pool_view(pool), quota or 0, share.permissions.split(",")))
+            return group.id, listed
+
     def shares_of_pool(self, pool_id: str) -> list[ShareView]:
         with self.db.transaction() as s:
             rows = s.execute(select(Share).where(Share.pool_id == pool_id)).scalars()
             return [ShareView(r.pool_id, r.group_id, r.permissions.split(",")) for r in rows]
 
     # access ----------------------------------------------------------------
+    def identify(self, authkey: str) -> Caller:
+        """Who is behind a live authkey, with all their groups: one transaction."""
+        with self.db.transaction() as s:
+            return caller_of(s, self._live_key(s, authkey).user_id)
+
+    def caller_permissions(self, caller: Caller, pool_id: str) -> set[str]:
+        """What a caller may do on a pool: shares on it or any ancestor (root: all)."""
+        with self.db.transaction() as s:
+            if s.get(Pool, pool_id) is None:
+                raise NotFound(f"no pool {pool_id}")
+            if caller.is_root:
+                return set(PERMISSIONS)
+            if not caller.group_ids:
+                return set()
+            rows = s.execute(
+                select(Share.permissions).where(
+                    Share.pool_id.in_(chain_ids(s, pool_id)), Share.group_id.in_(caller.group_ids)
+                )
+            ).scalars()
+            return {p for row in rows for p in row.split(",")}
+
     def group_ids_of(self, user_id: str) -> set[str]:
         with self.db.transaction() as s:
             rows = s.execute(select(Membership.group_id).where(Membership.user_id == user_id))
             return set(rows.scalars())
 
-    def is_root(self, user_id: str) -> bool:
-        with self.db.transaction() as s:
-            row = s.execute(
-                select(Membership.user_id)
-                .join(Group, Group.id == Membership.group_id)
-                .where(Membership.user_id == user_id, Group.name == ROOT_GROUP)
-            ).first()
-            return row is not None
-
     def permissions_on(self, user_id: str, pool_id: str) -> set[str]:
-        """What ``user_id`` may do on ``pool_id``: shares on the pool or any ancestor."""
-        if self.is_root(user_id):
-            return set(PERMISSIONS)
-        groups = self.group_ids_of(user_id)
-        if not groups:
-            return set()
+        """What a user may do on a pool (the CLI's and tests' view of the rule)."""
         with self.db.transaction() as s:
-            chain = chain_ids(s, pool_id)
-            rows = s.execute(
-                select(Share.permissions).where(
-                    Share.pool_id.in_(chain), Share.group_id.in_(groups)
-                )
-            ).scalars()
-            return {p for row in rows for p in row.split(",")}
-
-    def may(self, user_id: str, pool_id: str, permission: str) -> bool:
-        return permission in self.permissions_on(user_id, pool_id)
+            caller = caller_of(s, user_id)
+        return self.caller_permissions(caller, pool_id)
 
     # authkeys --------------------------------------------------------------
     def login(self, name: str, password: str) -> IssuedKey:
