@@ -166,6 +166,17 @@ def grant_size(need: int, available: int, chunk: int) -> int:
     return max(need, min(chunk, available // 4))
 
 
+def new_grant(pool_id: str, media_id: str | None, holder_id: str, nbytes: int = 0) -> Grant:
+    """A grant row; ``media_id`` is None for an upload whose media does not exist yet."""
+    return Grant(
+        pool_id=pool_id,
+        media_id=media_id,
+        holder_id=holder_id,
+        bytes=nbytes,
+        created_ns=time.time_ns(),
+    )
+
+
 def _find_grant(session: Session, media_id: str, holder_id: str) -> Grant | None:
     return session.execute(
         select(Grant).where(Grant.media_id == media_id, Grant.holder_id == holder_id)
@@ -202,13 +213,7 @@ class Ledger:
             charge(chain, added)
             grant = _find_grant(s, media_id, holder_id)
             if grant is None:
-                grant = Grant(
-                    pool_id=media.pool_id,
-                    media_id=media_id,
-                    holder_id=holder_id,
-                    bytes=0,
-                    created_ns=time.time_ns(),
-                )
+                grant = new_grant(media.pool_id, media_id, holder_id, 0)
                 s.add(grant)
             grant.bytes += added
             s.flush()
@@ -265,15 +270,7 @@ class Ledger:
                 elif grant is not None:
                     grant.bytes = st.keep
                 elif st.keep or st.hold:
-                    s.add(
-                        Grant(
-                            pool_id=row.pool_id,
-                            media_id=st.media_id,
-                            holder_id=holder_id,
-                            bytes=st.keep,
-                            created_ns=time.time_ns(),
-                        )
-                    )
+                    s.add(new_grant(row.pool_id, st.media_id, holder_id, st.keep))
             return [mid for mid in ids if mid not in media]
 
     def hold(self, media_id: str, holder_id: str) -> None:
@@ -290,15 +287,7 @@ class Ledger:
             if media is None:
                 raise NotFound(f"no media {media_id}")
             if _find_grant(s, media_id, holder_id) is None:
-                s.add(
-                    Grant(
-                        pool_id=media.pool_id,
-                        media_id=media_id,
-                        holder_id=holder_id,
-                        bytes=0,
-                        created_ns=time.time_ns(),
-                    )
-                )
+                s.add(new_grant(media.pool_id, media_id, holder_id, 0))
 
     def reserve_in_pool(
         self,
@@ -325,13 +314,7 @@ class Ledger:
             charge(chain, need)
             grant = s.get(Grant, grant_id) if grant_id else None
             if grant is None:
-                grant = Grant(
-                    pool_id=pool_id,
-                    media_id=None,
-                    holder_id=holder_id,
-                    bytes=0,
-                    created_ns=time.time_ns(),
-                )
+                grant = new_grant(pool_id, None, holder_id, 0)
                 s.add(grant)
             grant.bytes += need
             s.flush()

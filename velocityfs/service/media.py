@@ -10,11 +10,18 @@ from sqlalchemy.orm import Session
 from velocityfs.catalog.database import Database
 from velocityfs.catalog.models import DEFAULT_VOLUME, Grant, Media, Pool, XAttr
 from velocityfs.errors import Conflict, InvalidValue, NotFound
-from velocityfs.service.ledger import charge, grant_size, lock_chains, lock_media, room
+from velocityfs.service.ledger import (
+    charge,
+    grant_size,
+    lock_chains,
+    lock_media,
+    new_grant,
+    room,
+)
 from velocityfs.service.names import check_name
 from velocityfs.service.pools import name_taken
 from velocityfs.service.removals import record_removals
-from velocityfs.service.views import Creator, MediaView
+from velocityfs.service.views import Creator, MediaView, apply_attrs
 from velocityfs.store.backing import BackingStore
 
 
@@ -127,15 +134,7 @@ class MediaService:
                 s.add(media)
                 s.flush()
                 if holder_id is not None:
-                    s.add(
-                        Grant(
-                            pool_id=pool_id,
-                            media_id=media.id,
-                            holder_id=holder_id,
-                            bytes=granted,
-                            created_ns=now,
-                        )
-                    )
+                    s.add(new_grant(pool_id, media.id, holder_id, granted))
                 self.backing.create(volume, media.id, size)
                 created = True
                 return self.view(media), granted
@@ -307,17 +306,7 @@ class MediaService:
             media = s.get(Media, media_id)
             if media is None:
                 raise NotFound(f"no media {media_id}")
-            if mode is not None:
-                media.mode = mode & 0o7777
-            if uid is not None:
-                media.uid = uid
-            if gid is not None:
-                media.gid = gid
-            if atime_ns is not None:
-                media.atime_ns = atime_ns
-            if mtime_ns is not None:
-                media.mtime_ns = mtime_ns
-            media.ctime_ns = time.time_ns()
+            apply_attrs(media, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
 
     def delete_orphan_files(self, removed: list[tuple[str, str]]) -> None:
         """Delete the backing files of media whose rows are already gone."""

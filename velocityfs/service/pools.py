@@ -20,7 +20,7 @@ from velocityfs.errors import (
 from velocityfs.service.ledger import chain_ids, charge, lock_chains, room
 from velocityfs.service.names import check_name
 from velocityfs.service.removals import record_removals
-from velocityfs.service.views import PoolView
+from velocityfs.service.views import PoolView, apply_attrs
 
 MIB = 1 << 20
 
@@ -222,15 +222,7 @@ class PoolService:
             pool = s.get(Pool, pool_id)
             if pool is None:
                 raise NotFound(f"no pool {pool_id}")
-            if mode is not None:
-                pool.mode = mode & 0o7777
-            if uid is not None:
-                pool.uid = uid
-            if gid is not None:
-                pool.gid = gid
-            if mtime_ns is not None:
-                pool.mtime_ns = mtime_ns
-            pool.ctime_ns = time.time_ns()
+            apply_attrs(pool, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns)
             return pool_view(pool)
 
     def rename(self, pool_id: str, new_parent_id: str, new_name: str) -> PoolView:

@@ -1,10 +1,13 @@
-"""Plain snapshots of catalog rows that leave the service layer.
+"""Plain snapshots of catalog rows that leave the service layer, and the one rule
+for changing the metadata they show.
 
 Adapters receive these instead of ORM objects, so no adapter can lazily
 reach back into SQL.
 """
 
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -53,3 +56,15 @@ class Creator:
 
     user: str | None = None
     groups: frozenset[str] = frozenset()
+
+
+def apply_attrs(row: Any, **changes: int | None) -> None:
+    """Set the given metadata (mode, uid, gid, atime_ns, mtime_ns) on a pool or media row.
+
+    Only permission bits are kept of a mode; ``None`` leaves a field alone;
+    the ctime moves, as it does for any change of a file's metadata.
+    """
+    for key, value in changes.items():
+        if value is not None:
+            setattr(row, key, value & 0o7777 if key == "mode" else value)
+    row.ctime_ns = time.time_ns()
