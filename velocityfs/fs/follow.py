@@ -80,6 +80,16 @@ class Follower:
         started = time.time_ns()
         changes = await self.ops.offload(self.ops.v.changes.since, self.since_ns - LOOK_BACK_NS)
         self.since_ns = started
+        # A view of what this mount is changing, or changed after the read began,
+        # may predate that change: skip it (the look-back reads the row again).
+        touched = self.ops.touched
+        changes = Changes(
+            pools=[v for v in changes.pools if touched.get(v.id, 0) < started],
+            media=[v for v in changes.media if touched.get(v.id, 0) < started],
+            removed_pools=changes.removed_pools,
+            removed_media=changes.removed_media,
+        )
+        self.ops.touched = {k: t for k, t in touched.items() if t >= started}
         await self.apply(changes)
 
     async def apply(self, changes: Changes) -> None:

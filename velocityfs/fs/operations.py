@@ -16,7 +16,7 @@ import logging
 import os
 import pwd
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -43,6 +43,7 @@ FIRST_GRANT = MIB
 LEASE_BATCH_S = 0.05
 BLKSIZE = MIB
 XATTR_PREFIX = "user.velocity."
+IN_FLIGHT = 1 << 62
 
 
 @functools.lru_cache(maxsize=256)
@@ -70,6 +71,13 @@ class Handle:
     node: MediaNode
     fd: int
     writable: bool
+
+
+def _object_id(node: Node | None) -> str | None:
+    """The catalog id of a media or pool node."""
+    if isinstance(node, MediaNode):
+        return node.media_id
+    return node.pool_id if isinstance(node, DirNode) else None
 
 
 def _format_mib(nbytes: int | None) -> bytes:
@@ -119,7 +127,24 @@ class VelocityOperations(pyfuse3.Operations):
         self._next_fh = 1
         self.dir_handles: dict[int, list[tuple[str, Node]]] = {}
         self._leases_to_drop: dict[str, MediaNode] = {}
+        # Pools and media this mount is changing (IN_FLIGHT) or changed, and when
+        # (after the commit): the follower drops catalog views of them read before
+        # that, which would undo the change they raced (a settle, rename, chmod).
+        self.touched: dict[str, int] = {}
         self._lease_drop_wanted = trio.Event()
+
+    @contextlib.contextmanager
+    def changing(self, *object_ids: str | None) -> Iterator[None]:
+        """Mark pools or media as changed by this mount for the follower (see touched)."""
+        ids = [i for i in object_ids if i]
+        for object_id in ids:
+            self.touched[object_id] = IN_FLIGHT
+        try:
+            yield
+        finally:
+            now = time.time_ns()
+            for object_id in ids:
+                self.touched[object_id] = now
 
     # loading -------------------------------------------------------------
     def load(self) -> None:
@@ -250,14 +275,16 @@ class VelocityOperations(pyfuse3.Operations):
             if fields.update_atime:
                 changes["atime_ns"] = attr.st_atime_ns
             if changes:
-                await self.sql(self.v.media.set_attrs, node.media_id, **changes)
+                with self.changing(node.media_id):
+                    await self.sql(self.v.media.set_attrs, node.media_id, **changes)
                 node.atime_ns = changes.get("atime_ns", node.atime_ns)
         else:
             assert isinstance(node, DirNode) and node.pool_id is not None
             if fields.update_size:
                 raise fuse_error(errno.EISDIR)
             if changes:
-                await self.sql(self.v.pools.set_attrs, node.pool_id, **changes)
+                with self.changing(node.pool_id):
+                    await self.sql(self.v.pools.set_attrs, node.pool_id, **changes)
         node.mode = changes.get("mode", node.mode)
         node.uid = changes.get("uid", node.uid)
         node.gid = changes.get("gid", node.gid)
@@ -311,7 +338,8 @@ class VelocityOperations(pyfuse3.Operations):
         if child.children:
             raise fuse_error(errno.ENOTEMPTY)
         assert child.pool_id is not None
-        await self.sql(self.v.pools.remove, child.pool_id)
+        with self.changing(child.pool_id):
+            await self.sql(self.v.pools.remove, child.pool_id)
         self.inodes.detach(child)
         parent.mtime_ns = parent.ctime_ns = time.time_ns()
 
@@ -467,35 +495,37 @@ class VelocityOperations(pyfuse3.Operations):
                 return
             node.charged = size + keep
             node.dirty = False
-            await self.sql(
-                self.v.ledger.settle,
-                node.media_id,
-                self.holder_id,
-                size,
-                keep,
-                hold=hold,
-                mtime_ns=node.mtime_ns,
-            )
-            node.settled = size
-            node.held = hold or keep > 0
+            with self.changing(node.media_id):
+                await self.sql(
+                    self.v.ledger.settle,
+                    node.media_id,
+                    self.holder_id,
+                    size,
+                    keep,
+                    hold=hold,
+                    mtime_ns=node.mtime_ns,
+                )
+                node.settled = size
+                node.held = hold or keep > 0
 
     async def truncate(self, node: MediaNode, size: int) -> None:
         """Resize a media; growth past a quota fails with ENOSPC and changes nothing."""
         if size > node.charged:
             await self._grow(node, size, partial=False)
-        async with node.lock:
-            try:
-                os.truncate(node.open_path, size)
-            except OSError as exc:
-                raise fuse_error(exc.errno or errno.EIO) from exc
-            if size < node.size:
-                # The cut bytes were data, not reservation: they go back to the pool
-                # now, even while a writer keeps the file open (its grant stays as it was).
-                node.charged -= node.size - size
-            node.size = size
-            node.mtime_ns = node.ctime_ns = time.time_ns()
-            node.dirty = True
-        await self.settle(node, release_grant=node.writers == 0)
+        with self.changing(node.media_id):
+            async with node.lock:
+                try:
+                    os.truncate(node.open_path, size)
+                except OSError as exc:
+                    raise fuse_error(exc.errno or errno.EIO) from exc
+                if size < node.size:
+                    # The cut bytes were data, not reservation: they go back to the pool
+                    # now, even while a writer keeps the file open (its grant stays).
+                    node.charged -= node.size - size
+                node.size = size
+                node.mtime_ns = node.ctime_ns = time.time_ns()
+                node.dirty = True
+            await self.settle(node, release_grant=node.writers == 0)
 
     async def flush(self, fh: int) -> None:
         handle = self.handles[fh]
@@ -531,7 +561,8 @@ class VelocityOperations(pyfuse3.Operations):
             raise fuse_error(errno.ENOENT)
         if not isinstance(child, MediaNode):
             raise fuse_error(errno.EISDIR)
-        await self.sql(self.v.media.remove, child.media_id)
+        with self.changing(child.media_id):
+            await self.sql(self.v.media.remove, child.media_id)
         self.inodes.detach(child)
         parent.mtime_ns = parent.ctime_ns = time.time_ns()
 
@@ -559,24 +590,25 @@ class VelocityOperations(pyfuse3.Operations):
             raise fuse_error(errno.EEXIST)
         if old_parent.is_root or new_parent.is_root:
             raise fuse_error(errno.EPERM)
-        if isinstance(node, MediaNode):
-            if isinstance(target, DirNode):
-                raise fuse_error(errno.EISDIR)
-            await self._settle_before_move(node)
-            await self.sql(self.v.media.rename, node.media_id, new_parent.pool_id, new_name)
-        else:
-            assert isinstance(node, DirNode) and node.pool_id is not None
-            if isinstance(target, MediaNode):
-                raise fuse_error(errno.ENOTDIR)
-            if isinstance(target, DirNode):
-                if target.children:
-                    raise fuse_error(errno.ENOTEMPTY)
-                assert target.pool_id is not None
-                await self.sql(self.v.pools.remove, target.pool_id)
-            await self.sql(self.v.pools.rename, node.pool_id, new_parent.pool_id, new_name)
-        if target is not None:
-            self.inodes.detach(target)
-        self.inodes.move(node, new_parent, new_name)
+        with self.changing(_object_id(node), _object_id(target)):
+            if isinstance(node, MediaNode):
+                if isinstance(target, DirNode):
+                    raise fuse_error(errno.EISDIR)
+                await self._settle_before_move(node)
+                await self.sql(self.v.media.rename, node.media_id, new_parent.pool_id, new_name)
+            else:
+                assert isinstance(node, DirNode) and node.pool_id is not None
+                if isinstance(target, MediaNode):
+                    raise fuse_error(errno.ENOTDIR)
+                if isinstance(target, DirNode):
+                    if target.children:
+                        raise fuse_error(errno.ENOTEMPTY)
+                    assert target.pool_id is not None
+                    await self.sql(self.v.pools.remove, target.pool_id)
+                await self.sql(self.v.pools.rename, node.pool_id, new_parent.pool_id, new_name)
+            if target is not None:
+                self.inodes.detach(target)
+            self.inodes.move(node, new_parent, new_name)
         now = time.time_ns()
         old_parent.mtime_ns = old_parent.ctime_ns = now
         new_parent.mtime_ns = new_parent.ctime_ns = now

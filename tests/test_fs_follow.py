@@ -1,0 +1,102 @@
+"""The follower (the loop that mirrors other hosts' catalog changes into a mount)
+must not undo a change this mount made while the follower's read was under way.
+
+The race is real but narrow (a settle or rename committing between the
+follower's read of the changed rows and its applying them), so these tests
+drive the mount's operations and the follower in-process, without a kernel
+mount, and make the follower's read return the rows as they were before the
+local change committed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+from support.fs import MIB, Catalog
+
+from velocityfs.fs.follow import Follower
+from velocityfs.fs.operations import VelocityOperations
+from velocityfs.threads import Offload
+
+pytestmark = pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def catalog(catalog_url, store_dir):
+    c = Catalog(catalog_url, store_dir)
+    yield c
+    c.close()
+
+
+def _racing_follower(ops: VelocityOperations, local_change) -> Follower:
+    """A follower whose catalog read sees the rows from before ``local_change``,
+    which commits while the read is under way."""
+    follower = Follower(ops, 1.0)
+    real_offload = ops.offload
+
+    async def offload(fn, *args, **kwargs):
+        if fn == ops.v.changes.since:
+            stale = await real_offload(fn, *args, **kwargs)
+            await local_change()
+            return stale
+        return await real_offload(fn, *args, **kwargs)
+
+    async def no_kernel(*_args) -> None:  # nothing is mounted: no kernel cache to drop
+        return None
+
+    follower.ops = ops
+    ops.offload = offload  # type: ignore[method-assign]
+    follower._forget_pages = no_kernel  # type: ignore[method-assign]
+    ops.forget_entry = no_kernel  # type: ignore[method-assign]
+    return follower
+
+
+def _ops(catalog: Catalog) -> VelocityOperations:
+    v = catalog.v
+    ops = VelocityOperations(v, v.ledger.register_holder(), offload=Offload(1))
+    ops.load()
+    return ops
+
+
+def test_truncate_racing_a_refresh_is_kept(catalog):
+    catalog.setup({"tenants": 64})
+    pool = catalog.pool("tenants")["pid"]
+    media = catalog.v.media.create(pool, "disk.img")
+    ops = _ops(catalog)
+    node = ops.inodes.by_media[media.id]
+
+    async def main() -> None:
+        follower = _racing_follower(ops, lambda: ops.truncate(node, 4 * MIB))
+        follower.since_ns -= 10**9  # the media row is recent: the read returns it (size 0)
+        await follower.refresh()
+
+    trio.run(main)
+    assert os.stat(catalog.v.media.get(media.id).backing_path).st_size == 4 * MIB
+    assert catalog.v.media.get(media.id).size == 4 * MIB
+    assert node.size == node.settled == 4 * MIB
+    assert catalog.used("tenants") == 4 * MIB
+
+
+def test_rename_racing_a_refresh_is_kept(catalog):
+    catalog.setup({"tenants": 64})
+    pool = catalog.pool("tenants")["pid"]
+    media = catalog.v.media.create(pool, "old.img")
+    ops = _ops(catalog)
+    node = ops.inodes.by_media[media.id]
+    parent = node.parent
+    assert parent is not None
+
+    async def main() -> None:
+        async def rename() -> None:
+            await ops.rename(parent.ino, b"old.img", parent.ino, b"new.img", 0, None)
+
+        follower = _racing_follower(ops, rename)
+        follower.since_ns -= 10**9
+        await follower.refresh()
+
+    trio.run(main)
+    assert sorted(parent.children) == ["new.img"]
+    assert node.name == "new.img"
+    assert catalog.v.media.get(media.id).name == "new.img"
