@@ -239,13 +239,6 @@ class AccountService:
                 row.permissions = ",".join(perms)
             return ShareView(pool_id, g.id, perms)
 
-    def shares_of_group(self, group_id: str) -> list[ShareView]:
-        with self.db.transaction() as s:
-            if s.get(Group, group_id) is None:
-                raise NotFound(f"no group {group_id}")
-            rows = s.execute(select(Share).where(Share.group_id == group_id)).scalars()
-            return [ShareView(r.pool_id, r.group_id, r.permissions.split(",")) for r in rows]
-
     def viewable_shares(self, group_ref: str) -> tuple[str, list[tuple[PoolView, int, list[str]]]]:
         """A group's id (``group_ref`` is its id or name) and its shares, each with the
         pool, the pool's effective quota (its own or the nearest ancestor's) and the

@@ -287,15 +287,6 @@ class PoolService:
         with self.db.transaction() as s:
             return name_taken(s, pool_id, name)
 
-    def effective_quota(self, pool_id: str) -> int:
-        """The pool's own quota, or the nearest ancestor's for a subpool that inherits."""
-        with self.db.transaction() as s:
-            for pid in reversed(chain_ids(s, pool_id)):
-                quota = s.get(Pool, pid).quota_bytes  # type: ignore[union-attr]
-                if quota is not None:
-                    return quota
-        raise NotFound(f"pool {pool_id} has no quota on its chain")
-
     def capacity(self) -> tuple[int, int]:
         """Total quota and usage of the root pools: what ``df`` on the mount shows."""
         with self.db.transaction() as s:
