@@ -47,6 +47,11 @@ class Reservation:
     added: int
 
 
+# Parent of each pool seen by this process. Only a hint for lock_chains, which
+# checks every locked row against it; pool moves are rare, lookups are constant.
+_parents: dict[str, str | None] = {}
+
+
 def chain_ids(session: Session, pool_id: str) -> list[str]:
     """Ids of ``pool_id`` and its ancestors, root first (O(depth) primary-key reads).
 
@@ -60,7 +65,20 @@ def chain_ids(session: Session, pool_id: str) -> list[str]:
         if parent is None:
             raise NotFound(f"no pool {current}")
         ids.append(current)
+        _parents[current] = parent[0]
         current = parent[0]
+    ids.reverse()
+    return ids
+
+
+def _remembered_chain(pool_id: str) -> list[str] | None:
+    ids: list[str] = []
+    current: str | None = pool_id
+    while current is not None:
+        if current not in _parents or len(ids) > 256:
+            return None
+        ids.append(current)
+        current = _parents[current]
     ids.reverse()
     return ids
 
@@ -69,22 +87,35 @@ def lock_chains(session: Session, *pool_ids: str) -> list[list[Pool]]:
     """Lock the ancestor chains of ``pool_ids`` root-first; return each chain, root first.
 
     Rows are locked in order of (depth, id) across all chains, one global order
-    that every transaction of the ledger follows.
+    that every transaction of the ledger follows. The chains come from what
+    this process remembers of the tree when it can, and every locked row is
+    checked against them: a pool moved meanwhile means looking the chain up
+    again, so a stale memory costs a retry, never a wrong charge.
     """
-    chains = [chain_ids(session, pid) for pid in pool_ids]
-    order = sorted({(depth, pid) for chain in chains for depth, pid in enumerate(chain)})
-    rows: dict[str, Pool] = {}
-    for _depth, pid in order:
-        pool = session.execute(
-            select(Pool)
-            .where(Pool.id == pid)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).scalar_one_or_none()
-        if pool is None:
-            raise NotFound(f"no pool {pid}")
-        rows[pid] = pool
-    return [[rows[pid] for pid in chain] for chain in chains]
+    while True:
+        chains = [_remembered_chain(pid) or chain_ids(session, pid) for pid in pool_ids]
+        order = sorted({(depth, pid) for chain in chains for depth, pid in enumerate(chain)})
+        rows: dict[str, Pool] = {}
+        for _depth, pid in order:
+            pool = session.execute(
+                select(Pool)
+                .where(Pool.id == pid)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            ).scalar_one_or_none()
+            if pool is None:
+                _parents.pop(pid, None)
+                raise NotFound(f"no pool {pid}")
+            rows[pid] = pool
+        current = all(
+            rows[pid].parent_id == (chain[i - 1] if i else None)
+            for chain in chains
+            for i, pid in enumerate(chain)
+        )
+        if current:
+            return [[rows[pid] for pid in chain] for chain in chains]
+        for pid, pool in rows.items():
+            _parents[pid] = pool.parent_id
 
 
 def lock_media(session: Session, media_id: str) -> tuple[Media, list[Pool]]:
@@ -100,11 +131,19 @@ def lock_media(session: Session, media_id: str) -> tuple[Media, list[Pool]]:
         if media is None:
             raise NotFound(f"no media {media_id}")
         (chain,) = lock_chains(session, media.pool_id)
+        if _serialised(session):
+            return media, chain
         media = session.execute(
             select(Media).where(Media.id == media_id).execution_options(populate_existing=True)
         ).scalar_one_or_none()
         if media is not None and media.pool_id == chain[-1].id:
             return media, chain
+
+
+def _serialised(session: Session) -> bool:
+    """SQLite transactions here start with BEGIN IMMEDIATE: nothing changes under them,
+    so a row read before the locks is as current as one read after."""
+    return session.get_bind().dialect.name == "sqlite"
 
 
 def _lock_media_many(
@@ -116,9 +155,11 @@ def _lock_media_many(
     locking is redone if one moved to another pool in between.
     """
     while True:
-        first = session.execute(select(Media).where(Media.id.in_(media_ids))).scalars()
+        first = list(session.execute(select(Media).where(Media.id.in_(media_ids))).scalars())
         pool_ids = sorted({m.pool_id for m in first})
         chains = dict(zip(pool_ids, lock_chains(session, *pool_ids), strict=True))
+        if _serialised(session):
+            return {m.id: m for m in first}, chains
         media = {
             m.id: m
             for m in session.execute(

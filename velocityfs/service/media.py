@@ -221,13 +221,13 @@ class MediaService:
     def remove(self, media_id: str) -> None:
         """Delete media: its size and any grants on it go back to the pool chain."""
         with self.db.transaction() as s:
-            media, _chain = lock_media(s, media_id)  # its size as of the lock, not before
+            media, chain = lock_media(s, media_id)  # its size as of the lock, not before
             volume = media.volume
-            self._drop(s, media)
+            self._drop(s, media, chain)
         self.backing.remove(volume, media_id)
 
-    def _drop(self, s: Session, media: Media) -> None:
-        (chain,) = lock_chains(s, media.pool_id)
+    def _drop(self, s: Session, media: Media, chain: list[Pool]) -> None:
+        """Delete a media row; ``chain`` is its pool chain, already locked."""
         charge(chain, -(media.size + _granted(s, media.id)))
         chain[-1].mtime_ns = time.time_ns()
         s.execute(delete(Grant).where(Grant.media_id == media.id))
@@ -271,7 +271,7 @@ class MediaService:
                 raise Conflict(f"'{name}' is a pool in '{new_chain[-1].name}'")
             if target is not None:
                 replaced = (target.id, target.volume)
-                self._drop(s, target)
+                self._drop(s, target, new_chain)
             if media.pool_id != pool_id:
                 total = media.size + _granted(s, media.id)
                 charge(old_chain, -total)
