@@ -100,3 +100,45 @@ def test_rename_racing_a_refresh_is_kept(catalog):
     assert sorted(parent.children) == ["new.img"]
     assert node.name == "new.img"
     assert catalog.v.media.get(media.id).name == "new.img"
+
+
+def test_a_change_landing_while_rows_are_applied_is_kept(catalog):
+    """Applying one row awaits (dropping the kernel's pages); a local change to
+    another media can commit meanwhile, and that media's row, read before it,
+    must then be skipped, not applied over it."""
+    catalog.setup({"tenants": 64})
+    pool = catalog.pool("tenants")["pid"]
+    remote = catalog.v.media.create(pool, "remote.img")
+    local = catalog.v.media.create(pool, "local.img")
+    ops = _ops(catalog)
+    local_node = ops.inodes.by_media[local.id]
+    other_host = catalog.v.ledger.register_holder()
+    catalog.v.ledger.settle(remote.id, other_host, 1 * MIB)  # changed elsewhere
+
+    async def main() -> None:
+        follower = Follower(ops, 1.0)
+        follower.since_ns -= 10**9
+        real_offload = ops.offload
+
+        async def offload(fn, *args, **kwargs):
+            result = await real_offload(fn, *args, **kwargs)
+            if fn == ops.v.changes.since:  # the remote row first, then the stale local one
+                result.media.sort(key=lambda view: view.id != remote.id)
+            return result
+
+        async def local_change_while_applying(node) -> None:
+            if node is not local_node:  # the first (remote) row's await: change the other
+                await ops.truncate(local_node, 4 * MIB)
+
+        async def no_kernel(*_args) -> None:
+            return None
+
+        ops.offload = offload  # type: ignore[method-assign]
+        follower._forget_pages = local_change_while_applying  # type: ignore[method-assign]
+        ops.forget_entry = no_kernel  # type: ignore[method-assign]
+        await follower.refresh()
+
+    trio.run(main)
+    assert local_node.size == local_node.settled == 4 * MIB
+    assert catalog.v.media.get(local.id).size == 4 * MIB
+    assert ops.inodes.by_media[remote.id].size == 1 * MIB

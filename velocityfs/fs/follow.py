@@ -80,27 +80,30 @@ class Follower:
         started = time.time_ns()
         changes = await self.ops.offload(self.ops.v.changes.since, self.since_ns - LOOK_BACK_NS)
         self.since_ns = started
-        # A view of what this mount is changing, or changed after the read began,
-        # may predate that change: skip it (the look-back reads the row again).
-        touched = self.ops.touched
-        changes = Changes(
-            pools=[v for v in changes.pools if touched.get(v.id, 0) < started],
-            media=[v for v in changes.media if touched.get(v.id, 0) < started],
-            removed_pools=changes.removed_pools,
-            removed_media=changes.removed_media,
-        )
-        self.ops.touched = {k: t for k, t in touched.items() if t >= started}
-        await self.apply(changes)
+        await self.apply(changes, started)
+        self.ops.touched = {k: t for k, t in self.ops.touched.items() if t >= started}
 
-    async def apply(self, changes: Changes) -> None:
-        pending = list(changes.pools)
+    def _stale(self, object_id: str, read_ns: int) -> bool:
+        """A row read at ``read_ns`` predates a change this mount made to it, or is
+        making: skip it (the look-back reads it again). Asked for each row just
+        before applying it, since applying earlier rows awaits, and local
+        changes can land meanwhile."""
+        return self.ops.touched.get(object_id, 0) >= read_ns
+
+    async def apply(self, changes: Changes, read_ns: int) -> None:
+        pending = [view for view in changes.pools if not self._stale(view.id, read_ns)]
         while pending:
-            later = [view for view in pending if not await self._pool(view)]
+            later = [
+                view
+                for view in pending
+                if not self._stale(view.id, read_ns) and not await self._pool(view)
+            ]
             if len(later) == len(pending):
                 break
             pending = later
         for view in changes.media:
-            await self._media(view)
+            if not self._stale(view.id, read_ns):
+                await self._media(view)
         for media_id in changes.removed_media:
             await self.ops.media_removed(media_id)
         for pool_id in changes.removed_pools:
