@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
+from support.admin import InProcessCli, Tmpfs
 from support.mount import Mount, Watchdog
 
 PG_URL_ENV = "VELOCITYFS_TEST_PG_URL"
@@ -226,3 +227,25 @@ def mount(
     finally:
         for m in reversed(mounts):
             m.teardown()
+
+
+@pytest.fixture
+def vcli(catalog_url: str, store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> InProcessCli:
+    """The CLI run in this process (a separate one costs about a second of imports)."""
+    return InProcessCli(catalog_url, store_dir).track(monkeypatch)
+
+
+@pytest.fixture
+def bare_cli(monkeypatch: pytest.MonkeyPatch) -> InProcessCli:
+    """The CLI with no --catalog/--store: only what a configuration file says."""
+    return InProcessCli(None, None).track(monkeypatch)
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Tmpfs]:
+    """Small tmpfs disks for volumes that fill up; unmounted afterwards."""
+    disks = Tmpfs()
+    try:
+        yield disks
+    finally:
+        disks.cleanup()

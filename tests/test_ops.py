@@ -27,18 +27,16 @@ import pytest
 from sqlalchemy import select, text
 from support.admin import (
     MIB,
-    InProcessCli,
-    Tmpfs,
     fill,
     mountinfo_has,
     pattern,
+    service,
     sha256_of,
     write_config,
 )
 
 from velocityfs.catalog.models import Grant, Holder
 from velocityfs.service.accounts import PERMISSIONS
-from velocityfs.service.velocity import Velocity
 from velocityfs.service.views import Creator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,36 +47,6 @@ HELPER_LINK = Path("/sbin/mount.fuse.velocityfs")
 
 
 # -- fixtures and helpers ------------------------------------------------------------------
-
-
-@pytest.fixture
-def vcli(catalog_url: str, store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> InProcessCli:
-    return InProcessCli(catalog_url, store_dir).track(monkeypatch)
-
-
-@pytest.fixture
-def bare_cli(monkeypatch: pytest.MonkeyPatch) -> InProcessCli:
-    """The CLI with no --catalog/--store: only what a configuration file says."""
-    return InProcessCli(None, None).track(monkeypatch)
-
-
-@pytest.fixture
-def tmpfs() -> Iterator[Tmpfs]:
-    disks = Tmpfs()
-    try:
-        yield disks
-    finally:
-        disks.cleanup()
-
-
-@contextlib.contextmanager
-def service(catalog_url: str, store: Path, policy: str | None = None) -> Iterator[Velocity]:
-    kwargs = {} if policy is None else {"volume_policy": policy}
-    v = Velocity(catalog_url, store, **kwargs)
-    try:
-        yield v
-    finally:
-        v.close()
 
 
 def free_port() -> int:

@@ -23,7 +23,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -32,11 +31,11 @@ from sqlalchemy import func, select
 from support.admin import (
     MIB,
     InProcessCli,
-    Tmpfs,
     copies_of,
     default_path,
     fill,
     pattern,
+    service,
     sha256_bytes,
     sha256_of,
     velocityfs_argv,
@@ -54,30 +53,6 @@ VX = "user.velocity."
 
 
 # -- fixtures and helpers ------------------------------------------------------------------
-
-
-@pytest.fixture
-def vcli(catalog_url: str, store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> InProcessCli:
-    return InProcessCli(catalog_url, store_dir).track(monkeypatch)
-
-
-@pytest.fixture
-def tmpfs() -> Iterator[Tmpfs]:
-    disks = Tmpfs()
-    try:
-        yield disks
-    finally:
-        disks.cleanup()
-
-
-@contextlib.contextmanager
-def service(catalog_url: str, store: Path, policy: str | None = None) -> Iterator[Velocity]:
-    kwargs = {} if policy is None else {"volume_policy": policy}
-    v = Velocity(catalog_url, store, **kwargs)
-    try:
-        yield v
-    finally:
-        v.close()
 
 
 def setup_store(vcli: InProcessCli, store: Path, pools: dict[str, int], volumes=()) -> None:

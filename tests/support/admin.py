@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from click.testing import CliRunner
 
 from velocityfs.cli.context import Context
 from velocityfs.cli.main import main as velocityfs_main
+from velocityfs.service.velocity import Velocity
 
 MIB = 1 << 20
 # The CLI reads these from the environment; a test says everything on the command line.
@@ -235,3 +237,14 @@ def write_config(path: str | os.PathLike[str], **values: Any) -> Path:
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def service(catalog_url: str, store: Path, policy: str | None = None) -> Iterator[Velocity]:
+    """The service layer on a test store, closed afterwards."""
+    kwargs = {} if policy is None else {"volume_policy": policy}
+    v = Velocity(catalog_url, store, **kwargs)
+    try:
+        yield v
+    finally:
+        v.close()
