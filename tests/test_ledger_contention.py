@@ -316,11 +316,11 @@ def test_an_operation_works_from_what_was_committed_while_it_waited_for_its_lock
     slow: list[threading.Thread] = []
 
     def gated(lock_chains):  # type: ignore[no-untyped-def]
-        def lock(session, *pool_ids):  # type: ignore[no-untyped-def]
+        def lock(conn, *pool_ids):  # type: ignore[no-untyped-def]
             if threading.current_thread() in slow and not reached.is_set():
                 reached.set()
                 settled.wait(wait_s)
-            return lock_chains(session, *pool_ids)
+            return lock_chains(conn, *pool_ids)
 
         return lock
 

@@ -37,7 +37,7 @@ from velocityfs.errors import (
     VelocityError,
 )
 from velocityfs.service.accounts import PERMISSIONS, ROOT_GROUP, caller_of
-from velocityfs.service.ledger import charge, lock_chains
+from velocityfs.service.chains import charge, lock_chains
 from velocityfs.service.velocity import Velocity
 
 KIB = 1 << 10
@@ -397,9 +397,9 @@ def add_sibling_media(v: Velocity, pool_id: str, count: int) -> None:
             Grant(pool_id=pool_id, media_id=m.id, holder_id="other", bytes=1, created_ns=now)
             for m in rows
         )
-    with v.db.transaction() as s:
-        (chain,) = lock_chains(s, pool_id)
-        charge(chain, 2 * count)
+    with v.db.statements() as conn:
+        (chain,) = lock_chains(conn, pool_id)
+        charge(conn, chain, 2 * count)
 
 
 def test_a_reservation_costs_statements_by_depth_not_by_media(v: Velocity) -> None:

@@ -8,7 +8,7 @@ PostgreSQL the ledger takes row locks root-first.
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
@@ -58,6 +58,18 @@ class Database:
         """One unit of work: commits on success, rolls back on any exception."""
         with self._sessions() as session, session.begin():
             yield session
+        self.commits += 1
+
+    @contextmanager
+    def statements(self) -> Iterator[Connection]:
+        """One transaction of Core statements: commits on success, rolls back on any exception.
+
+        For the transactions every file pays (create, settle, remove): without the
+        ORM's session and unit of work one costs about a tenth (measured on SQLite:
+        0.1 ms against 1-2 ms, the SQL itself being a few tens of microseconds).
+        """
+        with self.engine.begin() as conn:
+            yield conn
         self.commits += 1
 
     def dispose(self) -> None:

@@ -23,7 +23,7 @@ from velocityfs.errors import (
     InvalidValue,
     NotFound,
 )
-from velocityfs.service.ledger import chain_ids
+from velocityfs.service.chains import chain_ids
 from velocityfs.service.names import check_name
 from velocityfs.service.pools import pool_view
 from velocityfs.service.views import PoolView
@@ -287,7 +287,8 @@ class AccountService:
                 return set()
             rows = s.execute(
                 select(Share.permissions).where(
-                    Share.pool_id.in_(chain_ids(s, pool_id)), Share.group_id.in_(caller.group_ids)
+                    Share.pool_id.in_(chain_ids(s.connection(), pool_id)),
+                    Share.group_id.in_(caller.group_ids),
                 )
             ).scalars()
             return {p for row in rows for p in row.split(",")}

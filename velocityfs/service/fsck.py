@@ -23,7 +23,7 @@ from pathlib import Path
 from sqlalchemy import delete, func, select, update
 
 from velocityfs.catalog.models import DEFAULT_VOLUME, Grant, Holder, Media, Pool, XAttr
-from velocityfs.service.ledger import lock_chains
+from velocityfs.service.chains import adjust, lock_chains
 from velocityfs.service.pools import subtree_ids
 from velocityfs.service.removals import record_removals
 from velocityfs.service.velocity import Velocity
@@ -160,11 +160,11 @@ class Fsck:
             media = s.get(Media, media_id)
             if media is None:
                 return
-            (chain,) = lock_chains(s, media.pool_id)
-            for pool in chain:
-                pool.used_bytes -= media.size
+            conn = s.connection()
+            (chain,) = lock_chains(conn, media.pool_id)
+            adjust(conn, chain, -media.size)
             s.execute(delete(XAttr).where(XAttr.owner_id == media_id))
-            record_removals(s, "media", [media_id])
+            record_removals(conn, "media", [media_id])
             s.delete(media)
         self.backing.default_path(media_id).unlink(missing_ok=True)
 
@@ -175,9 +175,9 @@ class Fsck:
             media = s.get(Media, media_id)
             if media is None:
                 return
-            (chain,) = lock_chains(s, media.pool_id)
-            for pool in chain:
-                pool.used_bytes += size - media.size
+            conn = s.connection()
+            (chain,) = lock_chains(conn, media.pool_id)
+            adjust(conn, chain, size - media.size)
             media.size = size
 
     # files without rows ------------------------------------------------------

@@ -1,31 +1,41 @@
 """The quota ledger: grants, settlement and the hierarchical quota check.
 
-``Pool.used_bytes`` is the settled size of every media in the pool's subtree
-plus every outstanding grant there. Every change to it is applied to the pool
-and all its ancestors in one transaction, after locking those rows root-first
-(a fixed global order, so concurrent writers on PostgreSQL never deadlock; on
-SQLite ``BEGIN IMMEDIATE`` already serialises writers). A change is refused
-when it would lift any pool on the chain past its quota, so a check costs
-O(depth) and never scans media.
-
 A writer reserves room ahead of its writes (a grant), writes into it without
-touching SQL, and settles to the real size on flush, fsync or close.
+touching SQL, and settles to the real size on flush, fsync or close. Every
+change to usage goes through the locked pool chains of ``chains``.
+
+The grant transactions are SQLAlchemy Core on a connection (see
+``Database.statements``): a small file costs a create and a settle, so their
+fixed cost is what create and unlink rates are made of.
 """
 
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Row,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
 
-from velocityfs.catalog.models import Grant, Holder, Media, Pool
+from velocityfs.catalog.models import Grant, Holder, Media, new_id
 from velocityfs.errors import NotFound, QuotaExceeded
+from velocityfs.service.chains import Link, charge, lock_chains, room
 
 GRANT_CHUNK = 64 << 20
 DEFAULT_LEASE_S = 30.0
+
+GRANTS = Grant.__table__
+MEDIA = Media.__table__
 
 
 @dataclass(frozen=True)
@@ -47,152 +57,108 @@ class Reservation:
     added: int
 
 
-# Parent of each pool seen by this process. Only a hint for lock_chains, which
-# checks every locked row against it; pool moves are rare, lookups are constant.
-_parents: dict[str, str | None] = {}
+_MEDIA_ROWS = select(
+    MEDIA.c.id, MEDIA.c.pool_id, MEDIA.c.size, MEDIA.c.mtime_ns, MEDIA.c.volume
+).where(MEDIA.c.id.in_(bindparam("ids", expanding=True)))
+_MEDIA_LOCK = select(MEDIA.c.pool_id).where(MEDIA.c.id == bindparam("mid")).with_for_update()
+_HOLDER_GRANTS = select(GRANTS.c.media_id, GRANTS.c.id, GRANTS.c.bytes).where(
+    GRANTS.c.media_id.in_(bindparam("ids", expanding=True)),
+    GRANTS.c.holder_id == bindparam("holder"),
+)
+_MEDIA_GRANTED = select(func.coalesce(func.sum(GRANTS.c.bytes), 0)).where(
+    GRANTS.c.media_id == bindparam("mid")
+)
+_SET_SIZE = (
+    update(MEDIA)
+    .where(MEDIA.c.id == bindparam("mid"))
+    .values(
+        size=bindparam("new_size"),
+        mtime_ns=func.coalesce(bindparam("new_mtime", type_=BigInteger), MEDIA.c.mtime_ns),
+    )
+)
+_SET_GRANT = update(GRANTS).where(GRANTS.c.id == bindparam("gid")).values(bytes=bindparam("nbytes"))
+_GROW_GRANT = (
+    update(GRANTS)
+    .where(GRANTS.c.id == bindparam("gid"))
+    .values(bytes=GRANTS.c.bytes + bindparam("added"))
+)
+_DROP_GRANTS = delete(GRANTS).where(GRANTS.c.id.in_(bindparam("gids", expanding=True)))
+_GRANT_BY_ID = select(GRANTS.c.pool_id, GRANTS.c.media_id, GRANTS.c.bytes).where(
+    GRANTS.c.id == bindparam("gid")
+)
+_INSERT_GRANT = insert(GRANTS)
 
 
-def chain_ids(session: Session, pool_id: str) -> list[str]:
-    """Ids of ``pool_id`` and its ancestors, root first (O(depth) primary-key reads).
-
-    Measured here, a read per level beats one recursive CTE until trees are
-    far deeper than pools get (2 levels: 190 us against 700 us).
-    """
-    ids: list[str] = []
-    current: str | None = pool_id
-    while current is not None:
-        parent = session.execute(select(Pool.parent_id).where(Pool.id == current)).first()
-        if parent is None:
-            raise NotFound(f"no pool {current}")
-        ids.append(current)
-        _parents[current] = parent[0]
-        current = parent[0]
-    ids.reverse()
-    return ids
+def grant_row(pool_id: str, media_id: str | None, holder_id: str, nbytes: int = 0) -> dict:
+    """A new grant's columns; ``media_id`` is None for an upload whose media does not exist yet."""
+    return {
+        "id": new_id(),
+        "pool_id": pool_id,
+        "media_id": media_id,
+        "holder_id": holder_id,
+        "bytes": nbytes,
+        "created_ns": time.time_ns(),
+    }
 
 
-def _remembered_chain(pool_id: str) -> list[str] | None:
-    ids: list[str] = []
-    current: str | None = pool_id
-    while current is not None:
-        if current not in _parents or len(ids) > 256:
-            return None
-        ids.append(current)
-        current = _parents[current]
-    ids.reverse()
-    return ids
+def add_grant(
+    conn: Connection, pool_id: str, media_id: str | None, holder_id: str, nbytes: int = 0
+) -> str:
+    """Insert a grant (its bytes already charged to the chain); returns its id."""
+    row = grant_row(pool_id, media_id, holder_id, nbytes)
+    conn.execute(_INSERT_GRANT, row)
+    return row["id"]
 
 
-def lock_chains(session: Session, *pool_ids: str) -> list[list[Pool]]:
-    """Lock the ancestor chains of ``pool_ids`` root-first; return each chain, root first.
-
-    Rows are locked in order of (depth, id) across all chains, one global order
-    that every transaction of the ledger follows. The chains come from what
-    this process remembers of the tree when it can, and every locked row is
-    checked against them: a pool moved meanwhile means looking the chain up
-    again, so a stale memory costs a retry, never a wrong charge.
-    """
-    while True:
-        chains = [_remembered_chain(pid) or chain_ids(session, pid) for pid in pool_ids]
-        order = sorted({(depth, pid) for chain in chains for depth, pid in enumerate(chain)})
-        rows: dict[str, Pool] = {}
-        for _depth, pid in order:
-            pool = session.execute(
-                select(Pool)
-                .where(Pool.id == pid)
-                .with_for_update()
-                .execution_options(populate_existing=True)
-            ).scalar_one_or_none()
-            if pool is None:
-                _parents.pop(pid, None)
-                raise NotFound(f"no pool {pid}")
-            rows[pid] = pool
-        current = all(
-            rows[pid].parent_id == (chain[i - 1] if i else None)
-            for chain in chains
-            for i, pid in enumerate(chain)
-        )
-        if current:
-            return [[rows[pid] for pid in chain] for chain in chains]
-        for pid, pool in rows.items():
-            _parents[pid] = pool.parent_id
-
-
-def lock_media(session: Session, media_id: str) -> tuple[Media, list[Pool]]:
-    """A media and its pool chain, locked root-first, with the media read under that lock.
-
-    Every change to a media's size or pool is made while its pool's chain is locked,
-    so the row re-read after taking the lock is current until commit. The first read
-    only says which chain to lock: on PostgreSQL another transaction may change the
-    row (settle a new size, move it) before the lock is ours.
-    """
-    media = session.get(Media, media_id)
-    while True:
-        if media is None:
-            raise NotFound(f"no media {media_id}")
-        (chain,) = lock_chains(session, media.pool_id)
-        if _serialised(session):
-            return media, chain
-        media = session.execute(
-            select(Media).where(Media.id == media_id).execution_options(populate_existing=True)
-        ).scalar_one_or_none()
-        if media is not None and media.pool_id == chain[-1].id:
-            return media, chain
-
-
-def _serialised(session: Session) -> bool:
+def _serialised(conn: Connection) -> bool:
     """SQLite transactions here start with BEGIN IMMEDIATE: nothing changes under them,
     so a row read before the locks is as current as one read after."""
-    return session.get_bind().dialect.name == "sqlite"
+    return conn.dialect.name == "sqlite"
 
 
-def _lock_media_many(
-    session: Session, media_ids: Sequence[str]
-) -> tuple[dict[str, Media], dict[str, list[Pool]]]:
-    """Media rows and their pools' chains, all chains locked together root-first.
+def lock_media_rows(
+    conn: Connection, media_ids: Sequence[str]
+) -> tuple[dict[str, Row], dict[str, list[Link]]]:
+    """Media rows (as ``media_row``) and their pools' chains, locked root-first.
 
-    Like ``lock_media``: the rows are read again under the lock, and the
-    locking is redone if one moved to another pool in between.
+    Every change to a media's size or pool is made while its pool's chain is
+    locked, so rows read again after taking the locks are current until commit.
+    The first read only says which chains to lock: on PostgreSQL another
+    transaction may change a row (settle a new size, move it) before the locks
+    are ours, so the locking is redone if one moved to another pool in between.
     """
+    params = {"ids": list(media_ids)}
+    rows = {r.id: r for r in conn.execute(_MEDIA_ROWS, params)}
     while True:
-        first = list(session.execute(select(Media).where(Media.id.in_(media_ids))).scalars())
-        pool_ids = sorted({m.pool_id for m in first})
-        chains = dict(zip(pool_ids, lock_chains(session, *pool_ids), strict=True))
-        if _serialised(session):
-            return {m.id: m for m in first}, chains
-        media = {
-            m.id: m
-            for m in session.execute(
-                select(Media)
-                .where(Media.id.in_(media_ids))
-                .execution_options(populate_existing=True)
-            ).scalars()
-        }
-        if all(m.pool_id in chains for m in media.values()):
-            return media, chains
+        pool_ids = sorted({r.pool_id for r in rows.values()})
+        chains = dict(zip(pool_ids, lock_chains(conn, *pool_ids), strict=True))
+        if _serialised(conn):
+            return rows, chains
+        rows = {r.id: r for r in conn.execute(_MEDIA_ROWS, params)}
+        if all(r.pool_id in chains for r in rows.values()):
+            return rows, chains
 
 
-def room(chain: Sequence[Pool]) -> int:
-    """Bytes that may still be charged to the last pool of ``chain`` (min over ancestors)."""
-    limits = [p.quota_bytes - p.used_bytes for p in chain if p.quota_bytes is not None]
-    return max(0, min(limits)) if limits else 0
+def media_row(conn: Connection, media_id: str) -> Row:
+    """A media's id, pool_id, size, mtime_ns and volume, read without locks."""
+    row = conn.execute(_MEDIA_ROWS, {"ids": [media_id]}).first()
+    if row is None:
+        raise NotFound(f"no media {media_id}")
+    return row
 
 
-def charge(chain: Iterable[Pool], delta: int) -> None:
-    """Add ``delta`` to every pool of ``chain``; refuse if a quota would be passed.
+def lock_media(conn: Connection, media_id: str) -> tuple[Row, list[Link]]:
+    """One media row and its pool chain, locked as ``lock_media_rows`` does."""
+    rows, chains = lock_media_rows(conn, [media_id])
+    row = rows.get(media_id)
+    if row is None:
+        raise NotFound(f"no media {media_id}")
+    return row, chains[row.pool_id]
 
-    A negative delta (returning room) is never refused.
-    """
-    chain = list(chain)
-    if delta > 0:
-        for pool in chain:
-            if pool.quota_bytes is not None and pool.used_bytes + delta > pool.quota_bytes:
-                raise QuotaExceeded(
-                    f"pool '{pool.name}' has {max(0, pool.quota_bytes - pool.used_bytes)} "
-                    f"bytes left, {delta} needed"
-                )
-    for pool in chain:
-        pool.used_bytes += delta
+
+def granted(conn: Connection, media_id: str) -> int:
+    """Bytes of every holder's grants on a media."""
+    return int(conn.execute(_MEDIA_GRANTED, {"mid": media_id}).scalar_one())
 
 
 def grant_size(need: int, available: int, chunk: int) -> int:
@@ -205,23 +171,6 @@ def grant_size(need: int, available: int, chunk: int) -> int:
     if need > available:
         return available
     return max(need, min(chunk, available // 4))
-
-
-def new_grant(pool_id: str, media_id: str | None, holder_id: str, nbytes: int = 0) -> Grant:
-    """A grant row; ``media_id`` is None for an upload whose media does not exist yet."""
-    return Grant(
-        pool_id=pool_id,
-        media_id=media_id,
-        holder_id=holder_id,
-        bytes=nbytes,
-        created_ns=time.time_ns(),
-    )
-
-
-def _find_grant(session: Session, media_id: str, holder_id: str) -> Grant | None:
-    return session.execute(
-        select(Grant).where(Grant.media_id == media_id, Grant.holder_id == holder_id)
-    ).scalar_one_or_none()
 
 
 class Ledger:
@@ -245,19 +194,19 @@ class Ledger:
         With ``partial`` a request that only partly fits gets what fits (a
         short write); without it, or when nothing fits, QuotaExceeded.
         """
-        with self.db.transaction() as s:
-            media, chain = lock_media(s, media_id)
+        with self.db.statements() as conn:
+            media, chain = lock_media(conn, media_id)
             available = room(chain)
             if available == 0 or (available < need and not partial):
                 raise QuotaExceeded(f"pool '{chain[-1].name}': {available} bytes left")
             added = grant_size(need, available, chunk)
-            charge(chain, added)
-            grant = _find_grant(s, media_id, holder_id)
+            charge(conn, chain, added)
+            grant = conn.execute(_HOLDER_GRANTS, {"ids": [media_id], "holder": holder_id}).first()
             if grant is None:
-                grant = new_grant(media.pool_id, media_id, holder_id, 0)
-                s.add(grant)
-            grant.bytes += added
-            s.flush()
+                return Reservation(
+                    add_grant(conn, media.pool_id, media_id, holder_id, added), added
+                )
+            conn.execute(_GROW_GRANT, {"gid": grant.id, "added": added})
             return Reservation(grant.id, added)
 
     def settle(
@@ -288,30 +237,37 @@ class Ledger:
         order. Returns the ids of media that no longer exist (skipped).
         """
         ids = [st.media_id for st in settlements]
-        with self.db.transaction() as s:
-            media, chains = _lock_media_many(s, ids)
+        with self.db.statements() as conn:
+            media, chains = lock_media_rows(conn, ids)
             grants = {
                 g.media_id: g
-                for g in s.execute(
-                    select(Grant).where(Grant.media_id.in_(ids), Grant.holder_id == holder_id)
-                ).scalars()
+                for g in conn.execute(_HOLDER_GRANTS, {"ids": ids, "holder": holder_id})
             }
+            sizes, kept, dropped, added = [], [], [], []
             for st in settlements:
                 row = media.get(st.media_id)
                 if row is None:
                     continue
                 grant = grants.get(st.media_id)
                 held = grant.bytes if grant else 0
-                charge(chains[row.pool_id], (st.size - row.size) + (st.keep - held))
-                row.size = st.size
-                if st.mtime_ns is not None:
-                    row.mtime_ns = st.mtime_ns
+                charge(conn, chains[row.pool_id], (st.size - row.size) + (st.keep - held))
+                if st.size != row.size or st.mtime_ns not in (None, row.mtime_ns):
+                    sizes.append({"mid": row.id, "new_size": st.size, "new_mtime": st.mtime_ns})
                 if grant is not None and st.keep == 0 and not st.hold:
-                    s.delete(grant)
-                elif grant is not None:
-                    grant.bytes = st.keep
-                elif st.keep or st.hold:
-                    s.add(new_grant(row.pool_id, st.media_id, holder_id, st.keep))
+                    dropped.append(grant.id)
+                elif grant is not None and grant.bytes != st.keep:
+                    kept.append({"gid": grant.id, "nbytes": st.keep})
+                elif grant is None and (st.keep or st.hold):
+                    added.append(grant_row(row.pool_id, row.id, holder_id, st.keep))
+            for statement, params in (
+                (_SET_SIZE, sizes),
+                (_SET_GRANT, kept),
+                (_INSERT_GRANT, added),
+            ):
+                if params:
+                    conn.execute(statement, params)
+            if dropped:
+                conn.execute(_DROP_GRANTS, {"gids": dropped})
             return [mid for mid in ids if mid not in media]
 
     def hold(self, media_id: str, holder_id: str) -> None:
@@ -321,14 +277,13 @@ class Ledger:
         first, the same lock a move's switch takes, so a writer cannot open the
         file between a move's last check and its switch.
         """
-        with self.db.transaction() as s:
-            media = s.execute(
-                select(Media).where(Media.id == media_id).with_for_update()
-            ).scalar_one_or_none()
+        with self.db.statements() as conn:
+            media = conn.execute(_MEDIA_LOCK, {"mid": media_id}).first()
             if media is None:
                 raise NotFound(f"no media {media_id}")
-            if _find_grant(s, media_id, holder_id) is None:
-                s.add(new_grant(media.pool_id, media_id, holder_id, 0))
+            mine = {"ids": [media_id], "holder": holder_id}
+            if conn.execute(_HOLDER_GRANTS, mine).first() is None:
+                add_grant(conn, media.pool_id, media_id, holder_id)
 
     def reserve_in_pool(
         self,
@@ -346,30 +301,27 @@ class Ledger:
         limit, a quarter of what is left near it). Returns the grant (a new
         one, or ``grant_id`` grown) and the bytes added.
         """
-        with self.db.transaction() as s:
-            (chain,) = lock_chains(s, pool_id)
+        with self.db.statements() as conn:
+            (chain,) = lock_chains(conn, pool_id)
             available = room(chain)
             if available < need:
                 raise QuotaExceeded(f"pool '{chain[-1].name}': {available} bytes left")
             need = grant_size(need, available, chunk) if chunk else need
-            charge(chain, need)
-            grant = s.get(Grant, grant_id) if grant_id else None
-            if grant is None:
-                grant = new_grant(pool_id, None, holder_id, 0)
-                s.add(grant)
-            grant.bytes += need
-            s.flush()
-            return Reservation(grant.id, need)
+            charge(conn, chain, need)
+            if grant_id is not None and conn.execute(_GRANT_BY_ID, {"gid": grant_id}).first():
+                conn.execute(_GROW_GRANT, {"gid": grant_id, "added": need})
+                return Reservation(grant_id, need)
+            return Reservation(add_grant(conn, pool_id, None, holder_id, need), need)
 
     def release(self, grant_id: str) -> None:
         """Hand a grant's room back to its pool chain (an aborted upload)."""
-        with self.db.transaction() as s:
-            grant = s.get(Grant, grant_id)
+        with self.db.statements() as conn:
+            grant = conn.execute(_GRANT_BY_ID, {"gid": grant_id}).first()
             if grant is None:
                 return
-            (chain,) = lock_chains(s, grant.pool_id)
-            charge(chain, -grant.bytes)
-            s.delete(grant)
+            (chain,) = lock_chains(conn, grant.pool_id)
+            charge(conn, chain, -grant.bytes)
+            conn.execute(_DROP_GRANTS, {"gids": [grant_id]})
 
     def register_holder(self) -> str:
         """Record this process as a grant holder and return its id."""
@@ -440,23 +392,26 @@ class Ledger:
         Each grant is its own transaction, keeping the root-first lock order.
         Returns how many grants were reclaimed.
         """
-        with self.db.transaction() as s:
-            grant_ids = s.execute(select(Grant.id).where(Grant.holder_id == holder_id)).scalars()
-            grant_ids = list(grant_ids)
+        with self.db.statements() as conn:
+            grant_ids = list(
+                conn.execute(select(GRANTS.c.id).where(GRANTS.c.holder_id == holder_id)).scalars()
+            )
         for grant_id in grant_ids:
-            with self.db.transaction() as s:
-                grant = s.get(Grant, grant_id)
+            with self.db.statements() as conn:
+                grant = conn.execute(_GRANT_BY_ID, {"gid": grant_id}).first()
                 if grant is None:
                     continue
-                (chain,) = lock_chains(s, grant.pool_id)
-                media = s.get(Media, grant.media_id) if grant.media_id else None
+                (chain,) = lock_chains(conn, grant.pool_id)
+                media = None
+                if grant.media_id is not None:
+                    media = conn.execute(_MEDIA_ROWS, {"ids": [grant.media_id]}).first()
                 delta = -grant.bytes
                 if media is not None and grant.media_id in sizes:
                     real = min(sizes[grant.media_id], media.size + grant.bytes)
                     delta += real - media.size
-                    media.size = real
-                charge(chain, delta)
-                s.delete(grant)
+                    conn.execute(_SET_SIZE, {"mid": media.id, "new_size": real, "new_mtime": None})
+                charge(conn, chain, delta)
+                conn.execute(_DROP_GRANTS, {"gids": [grant_id]})
         with self.db.transaction() as s:
             holder = s.get(Holder, holder_id)
             if holder is not None:

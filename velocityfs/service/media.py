@@ -3,30 +3,76 @@
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
-from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 
 from velocityfs.catalog.database import Database
-from velocityfs.catalog.models import DEFAULT_VOLUME, Grant, Media, Pool, XAttr
+from velocityfs.catalog.models import DEFAULT_VOLUME, Media, Pool, XAttr, new_id
 from velocityfs.errors import Conflict, InvalidValue, NotFound
+from velocityfs.service.chains import Link, charge, lock_chains, room, touch
 from velocityfs.service.ledger import (
-    charge,
+    GRANTS,
+    MEDIA,
+    add_grant,
     grant_size,
-    lock_chains,
+    granted,
     lock_media,
-    new_grant,
-    room,
+    media_row,
 )
 from velocityfs.service.names import check_name
 from velocityfs.service.pools import name_taken
 from velocityfs.service.removals import record_removals
-from velocityfs.service.views import Creator, MediaView, apply_attrs
+from velocityfs.service.views import Creator, MediaView, attr_changes
 from velocityfs.store.backing import BackingStore
 
+XATTRS = XAttr.__table__
+_INSERT_MEDIA = insert(MEDIA)
+_BY_NAME = select(MEDIA.c.id, MEDIA.c.pool_id, MEDIA.c.size, MEDIA.c.volume).where(
+    MEDIA.c.pool_id == bindparam("pid"), MEDIA.c.name == bindparam("name")
+)
+_MOVE = (
+    update(MEDIA)
+    .where(MEDIA.c.id == bindparam("mid"))
+    .values(pool_id=bindparam("new_pool"), name=bindparam("new_name"), ctime_ns=bindparam("now"))
+)
+_MOVE_GRANTS = (
+    update(GRANTS)
+    .where(GRANTS.c.media_id == bindparam("mid"))
+    .values(pool_id=bindparam("new_pool"))
+)
+_DROP_GRANTS = delete(GRANTS).where(GRANTS.c.media_id == bindparam("mid"))
+_DROP_XATTRS = delete(XATTRS).where(XATTRS.c.owner_id == bindparam("mid"))
+_DROP_MEDIA = delete(MEDIA).where(MEDIA.c.id == bindparam("mid"))
 
-def _granted(session: Session, media_id: str) -> int:
-    return sum(session.execute(select(Grant.bytes).where(Grant.media_id == media_id)).scalars())
+
+def _new_row(
+    media_id: str,
+    pool_id: str,
+    name: str,
+    size: int,
+    volume: str,
+    *,
+    mode: int = 0o644,
+    uid: int = 0,
+    gid: int = 0,
+) -> dict[str, Any]:
+    """The columns of a new media row, all its times now."""
+    now = time.time_ns()
+    return {
+        "id": media_id,
+        "pool_id": pool_id,
+        "name": name,
+        "size": size,
+        "volume": volume,
+        "mode": mode & 0o7777,
+        "uid": uid,
+        "gid": gid,
+        "atime_ns": now,
+        "mtime_ns": now,
+        "ctime_ns": now,
+        "changed_ns": now,
+    }
 
 
 class MediaService:
@@ -47,7 +93,8 @@ class MediaService:
         self.backing = backing
         self._placement = placement or (lambda _pool_id, _name, _creator: DEFAULT_VOLUME)
 
-    def view(self, media: Media, xattrs: dict[str, bytes] | None = None) -> MediaView:
+    def view(self, media: Any, xattrs: dict[str, bytes] | None = None) -> MediaView:
+        """A snapshot of a media row (an ORM object or a Core row with the same columns)."""
         return MediaView(
             id=media.id,
             pool_id=media.pool_id,
@@ -108,40 +155,34 @@ class MediaService:
         if size < 0:
             raise InvalidValue("size must not be negative")
         volume = self._placement(pool_id, name, creator)
-        now = time.time_ns()
-        media = Media(
-            pool_id=pool_id,
-            name=name,
-            size=size,
-            volume=volume,
-            mode=mode & 0o7777,
-            uid=uid,
-            gid=gid,
-            atime_ns=now,
-            mtime_ns=now,
-            ctime_ns=now,
-        )
+        row = _new_row(new_id(), pool_id, name, size, volume, mode=mode, uid=uid, gid=gid)
         created = False
         try:
-            with self.db.transaction() as s:
-                (chain,) = lock_chains(s, pool_id)
-                if name_taken(s, pool_id, name):
+            with self.db.statements() as conn:
+                (chain,) = lock_chains(conn, pool_id)
+                if name_taken(conn, pool_id, name):
                     raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
-                charge(chain, size)
-                granted = grant_size(0, room(chain), grant_chunk) if holder_id else 0
-                charge(chain, granted)
-                chain[-1].mtime_ns = now
-                s.add(media)
-                s.flush()
+                available = room(chain) - size
+                first = grant_size(0, max(0, available), grant_chunk) if holder_id else 0
+                charge(conn, chain, size + first, touch_ns=row["ctime_ns"])
+                conn.execute(_INSERT_MEDIA, row)
                 if holder_id is not None:
-                    s.add(new_grant(pool_id, media.id, holder_id, granted))
-                self.backing.create(volume, media.id, size)
+                    add_grant(conn, pool_id, row["id"], holder_id, first)
+                self.backing.create(volume, row["id"], size)
                 created = True
-                return self.view(media), granted
+                return self._view_of(row), first
         except BaseException:
             if created:
-                self.backing.remove(volume, media.id)
+                self.backing.remove(volume, row["id"])
             raise
+
+    def _view_of(self, row: dict[str, Any]) -> MediaView:
+        columns = {k: v for k, v in row.items() if k != "changed_ns"}
+        backing_path = self.backing.path(row["volume"], row["id"])
+        open_path = backing_path
+        if row["volume"] != DEFAULT_VOLUME:
+            open_path = self.backing.default_path(row["id"])
+        return MediaView(**columns, backing_path=str(backing_path), open_path=str(open_path))
 
     def adopt_upload(
         self,
@@ -160,37 +201,20 @@ class MediaService:
         with all its bytes or not at all.
         """
         check_name(name, "file name")
-        now = time.time_ns()
-        with self.db.transaction() as s:
-            (chain,) = lock_chains(s, pool_id)
-            if name_taken(s, pool_id, name):
+        row = _new_row(media_id, pool_id, name, size, volume)
+        with self.db.statements() as conn:
+            (chain,) = lock_chains(conn, pool_id)
+            if name_taken(conn, pool_id, name):
                 raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
-            grant = s.get(Grant, grant_id)
-            held = grant.bytes if grant is not None else 0
-            charge(chain, size - held)
-            if grant is not None:
-                s.delete(grant)
-            chain[-1].mtime_ns = now
-            media = Media(
-                id=media_id,
-                pool_id=pool_id,
-                name=name,
-                size=size,
-                volume=volume,
-                mode=0o644,
-                uid=0,
-                gid=0,
-                atime_ns=now,
-                mtime_ns=now,
-                ctime_ns=now,
-            )
-            s.add(media)
-            s.flush()
+            held = conn.execute(select(GRANTS.c.bytes).where(GRANTS.c.id == grant_id)).scalar()
+            charge(conn, chain, size - (held or 0), touch_ns=row["ctime_ns"])
+            conn.execute(delete(GRANTS).where(GRANTS.c.id == grant_id))
+            conn.execute(_INSERT_MEDIA, row)
             final = self.backing.path(volume, media_id)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(upload_path, final)
             self.backing.point_default(volume, media_id)
-            return self.view(media)
+            return self._view_of(row)
 
     def choose_volume(self, pool_id: str, name: str, creator: Creator | None) -> str:
         """The volume that new media of this pool, name and creator goes to."""
@@ -220,23 +244,19 @@ class MediaService:
 
     def remove(self, media_id: str) -> None:
         """Delete media: its size and any grants on it go back to the pool chain."""
-        with self.db.transaction() as s:
-            media, chain = lock_media(s, media_id)  # its size as of the lock, not before
-            volume = media.volume
-            self._drop(s, media, chain)
-        self.backing.remove(volume, media_id)
+        with self.db.statements() as conn:
+            media, chain = lock_media(conn, media_id)  # its size as of the lock, not before
+            self._drop(conn, media, chain)
+        self.backing.remove(media.volume, media_id)
 
-    def _drop(self, s: Session, media: Media, chain: list[Pool]) -> None:
-        """Delete a media row; ``chain`` is its pool chain, already locked."""
-        charge(chain, -(media.size + _granted(s, media.id)))
-        chain[-1].mtime_ns = time.time_ns()
-        s.execute(delete(Grant).where(Grant.media_id == media.id))
-        s.execute(delete(XAttr).where(XAttr.owner_id == media.id))
-        record_removals(s, "media", [media.id])
-        s.delete(media)
-        # Now, not at commit: the unit of work would run a rename's UPDATE first, and
-        # the renamed row would collide with this one's (pool, name) unique key.
-        s.flush()
+    def _drop(self, conn: Connection, media: Any, chain: list[Link]) -> None:
+        """Delete a media row (id, size); ``chain`` is its pool chain, already locked."""
+        params = {"mid": media.id}
+        charge(conn, chain, -(media.size + granted(conn, media.id)), touch_ns=time.time_ns())
+        conn.execute(_DROP_GRANTS, params)
+        conn.execute(_DROP_XATTRS, params)
+        record_removals(conn, "media", [media.id])
+        conn.execute(_DROP_MEDIA, params)
 
     def rename(self, media_id: str, pool_id: str, name: str) -> str | None:
         """Rename or move media, replacing a media of the target name.
@@ -246,49 +266,36 @@ class MediaService:
         refusal changes nothing. Returns the id of the replaced media, if any.
         """
         check_name(name, "file name")
-        replaced: tuple[str, str] | None = None
-        with self.db.transaction() as s:
-            media = s.get(Media, media_id)
+        replaced = None
+        with self.db.statements() as conn:
+            media = media_row(conn, media_id)
             while True:
-                if media is None:
-                    raise NotFound(f"no media {media_id}")
-                old_chain, new_chain = lock_chains(s, media.pool_id, pool_id)
-                # Re-read under the locks, as lock_media does: the size that moves to
-                # the new chain must be the current one, not the one read before.
-                media = s.execute(
-                    select(Media)
-                    .where(Media.id == media_id)
-                    .execution_options(populate_existing=True)
-                ).scalar_one_or_none()
-                if media is not None and media.pool_id == old_chain[-1].id:
+                # Both chains together, root-first; the row is read again under them.
+                old_chain, new_chain = lock_chains(conn, media.pool_id, pool_id)
+                media = media_row(conn, media_id)
+                if media.pool_id == old_chain[-1].id:
                     break
-            target = s.execute(
-                select(Media).where(Media.pool_id == pool_id, Media.name == name)
-            ).scalar_one_or_none()
-            if target is not None and target.id == media.id:
+            replaced = conn.execute(_BY_NAME, {"pid": pool_id, "name": name}).first()
+            if replaced is not None and replaced.id == media.id:
                 return None
-            if target is None and name_taken(s, pool_id, name):
+            if replaced is None and name_taken(conn, pool_id, name):
                 raise Conflict(f"'{name}' is a pool in '{new_chain[-1].name}'")
-            if target is not None:
-                replaced = (target.id, target.volume)
-                self._drop(s, target, new_chain)
-            if media.pool_id != pool_id:
-                total = media.size + _granted(s, media.id)
-                charge(old_chain, -total)
-                charge(new_chain, total)
-                s.execute(
-                    Grant.__table__.update()
-                    .where(Grant.media_id == media.id)
-                    .values(pool_id=pool_id)
-                )
+            if replaced is not None:
+                self._drop(conn, replaced, new_chain)
             now = time.time_ns()
-            old_chain[-1].mtime_ns = new_chain[-1].mtime_ns = now
-            media.pool_id = pool_id
-            media.name = name
-            media.ctime_ns = now
+            if media.pool_id != pool_id:
+                total = media.size + granted(conn, media.id)
+                charge(conn, old_chain, -total, touch_ns=now)
+                charge(conn, new_chain, total, touch_ns=now)
+                conn.execute(_MOVE_GRANTS, {"mid": media.id, "new_pool": pool_id})
+            else:
+                touch(conn, pool_id, now)
+            conn.execute(
+                _MOVE, {"mid": media.id, "new_pool": pool_id, "new_name": name, "now": now}
+            )
         if replaced is not None:
-            self.backing.remove(replaced[1], replaced[0])
-            return replaced[0]
+            self.backing.remove(replaced.volume, replaced.id)
+            return replaced.id
         return None
 
     def set_attrs(
@@ -302,11 +309,11 @@ class MediaService:
         mtime_ns: int | None = None,
     ) -> None:
         """Metadata that ``cp -a`` and ``rsync -a`` restore."""
-        with self.db.transaction() as s:
-            media = s.get(Media, media_id)
-            if media is None:
+        columns = attr_changes(mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
+        with self.db.statements() as conn:
+            done = conn.execute(update(MEDIA).where(MEDIA.c.id == media_id).values(**columns))
+            if done.rowcount == 0:
                 raise NotFound(f"no media {media_id}")
-            apply_attrs(media, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
 
     def delete_orphan_files(self, removed: list[tuple[str, str]]) -> None:
         """Delete the backing files of media whose rows are already gone."""

@@ -4,7 +4,7 @@ import math
 import time
 from collections.abc import Callable
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Connection, bindparam, delete, func, select, union_all
 from sqlalchemy.orm import Session
 
 from velocityfs.catalog.database import Database
@@ -17,7 +17,7 @@ from velocityfs.errors import (
     QuotaAboveAncestor,
     QuotaBelowUsage,
 )
-from velocityfs.service.ledger import chain_ids, charge, lock_chains, room
+from velocityfs.service.chains import Link, chain_ids, charge, lock_chains, room, touch
 from velocityfs.service.names import check_name
 from velocityfs.service.removals import record_removals
 from velocityfs.service.views import PoolView, apply_attrs
@@ -40,20 +40,18 @@ def pool_view(pool: Pool) -> PoolView:
     )
 
 
-def name_taken(session: Session, pool_id: str, name: str) -> bool:
+_NAME_TAKEN = union_all(
+    select(Pool.id).where(Pool.parent_id == bindparam("pid"), Pool.name == bindparam("name")),
+    select(Media.id).where(Media.pool_id == bindparam("pid"), Media.name == bindparam("name")),
+)
+
+
+def name_taken(conn: Connection | Session, pool_id: str, name: str) -> bool:
     """Pools and media share one namespace inside a pool, as in a directory."""
-    sub = session.execute(
-        select(Pool.id).where(Pool.parent_id == pool_id, Pool.name == name)
-    ).first()
-    if sub is not None:
-        return True
-    med = session.execute(
-        select(Media.id).where(Media.pool_id == pool_id, Media.name == name)
-    ).first()
-    return med is not None
+    return conn.execute(_NAME_TAKEN, {"pid": pool_id, "name": name}).first() is not None
 
 
-def check_quota_fits(chain: list[Pool], quota: int | None) -> None:
+def check_quota_fits(chain: list[Link], quota: int | None) -> None:
     """A pool's quota may not exceed any ancestor's (``chain`` ends with the parent)."""
     if quota is None:
         return
@@ -125,11 +123,12 @@ class PoolService:
                 if taken is not None:
                     raise Conflict(f"a root pool named '{name}' exists")
             else:
-                (chain,) = lock_chains(s, parent_id)
+                conn = s.connection()
+                (chain,) = lock_chains(conn, parent_id)
                 check_quota_fits(chain, quota_bytes)
-                if name_taken(s, parent_id, name):
+                if name_taken(conn, parent_id, name):
                     raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
-                chain[-1].mtime_ns = chain[-1].ctime_ns = now
+                touch(conn, parent_id, now)
             pool = Pool(
                 parent_id=parent_id,
                 name=name,
@@ -175,35 +174,37 @@ class PoolService:
 
     def path(self, pool_id: str) -> str:
         with self.db.transaction() as s:
-            names = [s.get(Pool, pid).name for pid in chain_ids(s, pool_id)]  # type: ignore[union-attr]
+            names = [s.get(Pool, pid).name for pid in chain_ids(s.connection(), pool_id)]  # type: ignore[union-attr]
             return "/".join(names)
 
     def available(self, pool_id: str) -> int:
         """The room really left: the minimum over the pool and all its ancestors."""
         with self.db.transaction() as s:
-            (chain,) = lock_chains(s, pool_id)
+            (chain,) = lock_chains(s.connection(), pool_id)
             return room(chain)
 
     def set_quota(self, pool_id: str, quota_bytes: int | None) -> PoolView:
         """Change a quota; refused above an ancestor's, below a subpool's, or below usage."""
         with self.db.transaction() as s:
-            (chain,) = lock_chains(s, pool_id)
-            pool = chain[-1]
+            (chain,) = lock_chains(s.connection(), pool_id)
+            link = chain[-1]
             if quota_bytes is None:
-                if pool.parent_id is None:
+                if link.parent_id is None:
                     raise InvalidValue("a root pool needs a quota")
             else:
                 check_quota_fits(chain[:-1], quota_bytes)
-                if quota_bytes < pool.used_bytes:
+                if quota_bytes < link.used_bytes:
                     raise QuotaBelowUsage(
-                        f"pool '{pool.name}' uses {pool.used_bytes} bytes, more than {quota_bytes}"
+                        f"pool '{link.name}' uses {link.used_bytes} bytes, more than {quota_bytes}"
                     )
                 child_max = _max_child_quota(s, pool_id)
                 if child_max is not None and child_max > quota_bytes:
                     raise QuotaAboveAncestor(
-                        f"a subpool of '{pool.name}' has a quota of {child_max}, "
+                        f"a subpool of '{link.name}' has a quota of {child_max}, "
                         f"more than {quota_bytes}"
                     )
+            pool = s.get(Pool, pool_id)
+            assert pool is not None  # locked above
             pool.quota_bytes = quota_bytes
             pool.ctime_ns = time.time_ns()
             return pool_view(pool)
@@ -234,19 +235,22 @@ class PoolService:
                 raise NotFound(f"no pool {pool_id}")
             if pool.parent_id is None:
                 raise InvalidValue("root pools cannot be renamed or moved")
-            if pool_id in chain_ids(s, new_parent_id):
+            conn = s.connection()
+            if pool_id in chain_ids(conn, new_parent_id):
                 raise InvalidValue("a pool cannot move below itself")
-            old_chain, new_chain = lock_chains(s, pool.parent_id, new_parent_id)
-            if name_taken(s, new_parent_id, new_name):
+            # The pool's own row too: its usage, read under the lock, is what moves.
+            old_chain, new_chain, own = lock_chains(conn, pool.parent_id, new_parent_id, pool_id)
+            if name_taken(conn, new_parent_id, new_name):
                 raise Conflict(f"'{new_name}' already exists in pool '{new_chain[-1].name}'")
+            now = time.time_ns()
             if pool.parent_id != new_parent_id:
                 check_quota_fits(new_chain, pool.quota_bytes)
                 # Subpools' quotas move along and must fit under the new ancestors too.
                 check_quota_fits(new_chain, _max_child_quota(s, pool_id))
-                charge(old_chain, -pool.used_bytes)
-                charge(new_chain, pool.used_bytes)
-            now = time.time_ns()
-            old_chain[-1].mtime_ns = new_chain[-1].mtime_ns = now
+                charge(conn, old_chain, -own[-1].used_bytes, touch_ns=now)
+                charge(conn, new_chain, own[-1].used_bytes, touch_ns=now)
+            else:
+                touch(conn, new_parent_id, now)
             pool.parent_id = new_parent_id
             pool.name = new_name
             pool.ctime_ns = now
@@ -261,7 +265,8 @@ class PoolService:
         with self.db.transaction() as s:
             # Lock the pool itself too: every change below it locks it, so its usage,
             # subpools and media read after this stay current until the commit.
-            (chain,) = lock_chains(s, pool_id)
+            conn = s.connection()
+            (chain,) = lock_chains(conn, pool_id)
             pool = chain[-1]
             ids = subtree_ids(s, pool_id)
             media_rows = s.execute(
@@ -270,11 +275,10 @@ class PoolService:
             if not recursive and (len(ids) > 1 or media_rows):
                 raise NotEmpty(f"pool '{pool.name}' is not empty")
             if pool.parent_id is not None:
-                charge(chain[:-1], -pool.used_bytes)
-                chain[-2].mtime_ns = time.time_ns()
+                charge(conn, chain[:-1], -pool.used_bytes, touch_ns=time.time_ns())
             media_ids = [m[0] for m in media_rows]
-            record_removals(s, "media", media_ids)
-            record_removals(s, "pool", ids)
+            record_removals(conn, "media", media_ids)
+            record_removals(conn, "pool", ids)
             s.execute(delete(XAttr).where(XAttr.owner_id.in_(ids + media_ids)))
             s.execute(delete(Grant).where(Grant.pool_id.in_(ids)))
             s.execute(delete(Share).where(Share.pool_id.in_(ids)))

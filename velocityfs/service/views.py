@@ -58,13 +58,22 @@ class Creator:
     groups: frozenset[str] = frozenset()
 
 
-def apply_attrs(row: Any, **changes: int | None) -> None:
-    """Set the given metadata (mode, uid, gid, atime_ns, mtime_ns) on a pool or media row.
+def attr_changes(**changes: int | None) -> dict[str, int]:
+    """The columns that setting metadata (mode, uid, gid, atime_ns, mtime_ns) changes.
 
     Only permission bits are kept of a mode; ``None`` leaves a field alone;
     the ctime moves, as it does for any change of a file's metadata.
     """
-    for key, value in changes.items():
-        if value is not None:
-            setattr(row, key, value & 0o7777 if key == "mode" else value)
-    row.ctime_ns = time.time_ns()
+    columns = {
+        key: value & 0o7777 if key == "mode" else value
+        for key, value in changes.items()
+        if value is not None
+    }
+    columns["ctime_ns"] = time.time_ns()
+    return columns
+
+
+def apply_attrs(row: Any, **changes: int | None) -> None:
+    """Set metadata on a pool or media row, as ``attr_changes`` says."""
+    for key, value in attr_changes(**changes).items():
+        setattr(row, key, value)

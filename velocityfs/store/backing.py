@@ -65,8 +65,12 @@ class BackingStore:
     def create(self, volume: str, media_id: str, size: int = 0) -> Path:
         """Create an empty (sparse) backing file of ``size`` bytes; refuse to reuse one."""
         path = self.path(volume, media_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:  # the first media of its 2-hex bucket
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, flags, 0o600)
         try:
             if size:
                 os.ftruncate(fd, size)
