@@ -22,6 +22,7 @@ import pytest
 from support.fs import MIB, Catalog, avail, getfattr, pool_show, run, sha256, used, vattr
 
 SQLITE_ONLY = pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
+FALLOC_FL_KEEP_SIZE = 0x01
 
 
 @pytest.fixture
@@ -422,39 +423,112 @@ def test_shrinking_an_open_file_returns_room_at_once(catalog, mount):
     assert catalog.pool("tenants")["used_bytes"] == sizes
 
 
-@SQLITE_ONLY
-def test_fallocate_is_not_supported_and_changes_nothing(catalog, mount):
-    """pyfuse3 has no FUSE_FALLOCATE handler: the kernel answers EOPNOTSUPP."""
+def test_fallocate_grows_within_quota_and_beyond_fails_changing_nothing(catalog, mount):
+    """fallocate(2) growth is charged like a write; past the quota it changes nothing."""
     catalog.setup({"tenants": 16})
     m = mount()
     pool = m / "tenants"
     path = pool / "disk.img"
-    path.write_bytes(b"z" * (3 * MIB))
-    for length in ("8M", "100M"):  # within the quota, and beyond it
-        res = subprocess.run(
-            ["fallocate", "-l", length, str(path)], capture_output=True, text=True, check=False
-        )
-        assert res.returncode != 0
-        assert "Operation not supported" in res.stderr, res.stderr
-        assert os.stat(path).st_size == 3 * MIB
-        assert used(pool) == 3 * MIB
+    data = os.urandom(3 * MIB)
+    path.write_bytes(data)
+
+    run("fallocate", "-l", "8M", path)
+    assert os.stat(path).st_size == 8 * MIB
+    assert os.stat(path).st_blocks * 512 >= 8 * MIB  # really allocated, not a hole
+    assert used(pool) == 8 * MIB
+    assert catalog.pool("tenants")["used_bytes"] == 8 * MIB
+
+    res = subprocess.run(
+        ["fallocate", "-l", "100M", str(path)], capture_output=True, text=True, check=False
+    )
+    assert res.returncode != 0
+    assert "No space left on device" in res.stderr, res.stderr
     fd = os.open(path, os.O_RDWR)
     try:
         with pytest.raises(OSError) as exc:
-            _fallocate(fd, 100 * MIB)
-        assert exc.value.errno == errno.EOPNOTSUPP
+            _fallocate(fd, 0, 0, 16 * MIB + 1)
+        assert exc.value.errno == errno.ENOSPC
+        # Exactly to the quota fits.
+        _fallocate(fd, 0, 8 * MIB, 8 * MIB)
+        assert os.fstat(fd).st_size == 16 * MIB
+        assert avail(pool) == 0
     finally:
         os.close(fd)
-    assert os.stat(path).st_size == 3 * MIB
-    assert used(pool) == 3 * MIB
-    assert catalog.pool("tenants")["used_bytes"] == 3 * MIB
+    assert os.stat(path).st_size == 16 * MIB
+    assert used(pool) == 16 * MIB
+    assert catalog.pool("tenants")["used_bytes"] == 16 * MIB
+    with open(path, "rb") as f:
+        assert f.read(3 * MIB) == data
+        assert f.read() == bytes(13 * MIB)
 
 
-def _fallocate(fd: int, length: int) -> None:
+def test_fallocate_punches_and_zeroes_without_changing_usage(catalog, mount):
+    catalog.setup({"tenants": 16})
+    m = mount()
+    pool = m / "tenants"
+    path = pool / "disk.img"
+    data = os.urandom(4 * MIB)
+    path.write_bytes(data)
+    blocks = os.stat(path).st_blocks
+
+    run("fallocate", "--punch-hole", "-o", "1M", "-l", "1M", path)  # qemu's discard
+    run("fallocate", "--zero-range", "-o", "3M", "-l", "512K", path)
+    assert os.stat(path).st_size == 4 * MIB
+    assert os.stat(path).st_blocks < blocks  # the hole gave its blocks back to the disk
+    assert used(pool) == 4 * MIB
+    assert catalog.pool("tenants")["used_bytes"] == 4 * MIB
+    expected = data[: 1 * MIB] + bytes(MIB) + data[2 * MIB : 3 * MIB] + bytes(MIB // 2)
+    expected += data[3 * MIB + MIB // 2 :]
+    assert path.read_bytes() == expected
+
+    # Allocating past the end while keeping the size would use disk no quota counts.
+    res = subprocess.run(
+        ["fallocate", "--keep-size", "-l", "8M", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode != 0
+    assert "unsupported" in res.stderr, res.stderr
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as exc:
+            _fallocate(fd, FALLOC_FL_KEEP_SIZE, 3 * MIB, 2 * MIB)
+        assert exc.value.errno == errno.EOPNOTSUPP
+        _fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 4 * MIB)  # within the size: fine
+    finally:
+        os.close(fd)
+    assert os.stat(path).st_size == 4 * MIB
+    assert used(pool) == 4 * MIB
+
+
+def test_qemu_img_preallocates_with_falloc(catalog, mount):
+    catalog.setup({"tenants": 64})
+    m = mount()
+    pool = m / "tenants"
+    image = pool / "vm.raw"
+    run("qemu-img", "create", "-f", "raw", "-o", "preallocation=falloc", image, "32M")
+    assert os.stat(image).st_size == 32 * MIB
+    assert os.stat(image).st_blocks * 512 >= 32 * MIB
+    assert used(pool) == 32 * MIB
+    res = subprocess.run(
+        ["qemu-img", "create", "-f", "raw", "-o", "preallocation=falloc", str(pool / "big.raw")]
+        + ["64M"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode != 0
+    assert "No space left on device" in res.stderr + res.stdout
+    assert used(pool) == 32 * MIB + os.stat(pool / "big.raw").st_size
+    assert catalog.pool("tenants")["used_bytes"] == used(pool)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) itself (os.posix_fallocate would fall back to writing zeros)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if libc.fallocate(fd, 0, 0, length) != 0:
+    if libc.fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
 

@@ -14,6 +14,7 @@ VELOCITYFS_DEB_PACKAGES=(
     fuse3 libfuse3-dev pkg-config postgresql rsync mergerfs qemu-utils attr util-linux systemd wrk
     curl
     mount
+    patch
 )
 
 _vfs_log() { echo "bootstrap: $*" >&2; }
@@ -62,6 +63,34 @@ _vfs_ensure_venv() {
     fi
 }
 
+# pyfuse3 (3.5.0, the newest release) has no handler for FUSE's fallocate request, so
+# fallocate(2) on the mount would get EOPNOTSUPP. Until upstream has one, build that
+# release from PyPI's source with patches/pyfuse3-fallocate.patch (a handler in the
+# style of its fsync one). Skipped when the installed pyfuse3 already has it.
+PYFUSE3_VERSION=3.5.0
+_vfs_ensure_pyfuse3() {
+    local py="$TOP/.venv/bin/python" work src
+    if "$py" -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Operations, "fallocate"))' \
+        2>/dev/null; then
+        return 0
+    fi
+    _vfs_log "building pyfuse3 $PYFUSE3_VERSION with a fallocate handler" \
+        "(patches/pyfuse3-fallocate.patch)"
+    work="$(mktemp -d)"
+    src="$work/pyfuse3-$PYFUSE3_VERSION"
+    if "$py" -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: \
+        -d "$work" "pyfuse3==$PYFUSE3_VERSION" \
+        && tar xzf "$src.tar.gz" -C "$work" \
+        && patch -d "$src" -p1 -s <"$TOP/patches/pyfuse3-fallocate.patch" \
+        && SETUPTOOLS_SCM_PRETEND_VERSION="$PYFUSE3_VERSION+velocityfs.1" \
+            "$py" -m pip install --disable-pip-version-check -q --no-deps "$src"; then
+        rm -rf "$work"
+        return 0
+    fi
+    rm -rf "$work"
+    _vfs_die "could not build pyfuse3 $PYFUSE3_VERSION with patches/pyfuse3-fallocate.patch"
+}
+
 # FUSE needs /dev/fuse; the test watchdog needs fusectl to abort a hung connection.
 _vfs_ensure_fuse() {
     if [[ ! -c /dev/fuse && $(id -u) -eq 0 ]]; then
@@ -92,4 +121,5 @@ _vfs_ensure_fuse() {
 
 _vfs_ensure_debs || return 1
 _vfs_ensure_venv || return 1
+_vfs_ensure_pyfuse3 || return 1
 _vfs_ensure_fuse || return 1

@@ -99,6 +99,11 @@ def run_mount(
         attr_timeout=attr_timeout,
     )
     ops.load()
+    if not hasattr(pyfuse3.Operations, "fallocate"):
+        log.warning(
+            "this pyfuse3 has no fallocate handler: fallocate(2) gets EOPNOTSUPP "
+            "(scripts/lib/bootstrap.sh installs a build that has one)"
+        )
     pyfuse3.init(
         ops,
         mountpoint,

@@ -30,6 +30,12 @@ from velocityfs.service.ledger import Settlement
 from velocityfs.service.pools import mib_to_bytes
 from velocityfs.service.velocity import Velocity
 from velocityfs.service.views import Creator, MediaView, PoolView
+from velocityfs.store.space import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    fallocate,
+)
 from velocityfs.threads import CatalogUnavailable, Offload
 
 log = logging.getLogger(__name__)
@@ -526,6 +532,40 @@ class VelocityOperations(pyfuse3.Operations):
                 node.mtime_ns = node.ctime_ns = time.time_ns()
                 node.dirty = True
             await self.settle(node, release_grant=node.writers == 0)
+
+    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        """fallocate(2): allocation that grows the file is charged first, like a write.
+
+        Growth past a quota gets ENOSPC and changes nothing. Holes may be punched
+        and ranges zeroed anywhere; allocating past the end while keeping the size
+        is refused (EOPNOTSUPP), since those blocks would use disk the quota, which
+        counts apparent sizes, never sees.
+        """
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise fuse_error(errno.EOPNOTSUPP)
+        handle = self.handles[fh]
+        node = handle.node
+        end = off + length
+        keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
+        if keep_size and not mode & FALLOC_FL_PUNCH_HOLE and end > node.size:
+            raise fuse_error(errno.EOPNOTSUPP)
+        grows = not keep_size and end > node.size
+        if grows and time.monotonic() > self.lease_valid_until:
+            raise fuse_error(errno.EIO)  # as in write(): our grants may be gone
+        if grows and end > node.charged:
+            await self._grow(node, end, partial=False)
+        async with node.lock:
+            if grows and end > node.charged:
+                # Handed back while we waited for the lock (a truncate, a settle).
+                raise fuse_error(errno.ENOSPC)
+            try:
+                await trio.to_thread.run_sync(fallocate, handle.fd, mode, off, length)
+            except OSError as exc:
+                raise fuse_error(exc.errno or errno.EIO) from exc
+            if grows:
+                node.size = end
+            node.mtime_ns = node.ctime_ns = time.time_ns()
+            node.dirty = True
 
     async def flush(self, fh: int) -> None:
         handle = self.handles[fh]
