@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.fs import MIB, Catalog, run, sha256, used, vattr
+from support.fs import MIB, Catalog, run, sha256, sync_dir, used, vattr
 
 from velocityfs.service.media import MediaService
 
@@ -265,6 +265,7 @@ def test_mkdir_rmdir_rules(catalog, mount):
     assert sorted(os.listdir(t)) == ["files"]
     assert not catalog.exists("tenants/sub")
     assert not catalog.exists("tenants/sub/deeper")
+    sync_dir(t)
     assert catalog.pool("tenants")["used_bytes"] == 4
 
 
@@ -299,6 +300,7 @@ def test_unlink_releases_room_and_backing_file(catalog, mount):
     assert used(t) == 12 * MIB
     os.unlink(t / "a.img")
     assert not (t / "a.img").exists()
+    sync_dir(t)  # the unlink reaches the catalog in a batch; fsync on the pool commits it
     assert not os.path.exists(backing)
     assert used(t) == 7 * MIB
     assert _errno_of(os.unlink, t / "a.img") == errno.ENOENT

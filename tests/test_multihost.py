@@ -41,6 +41,7 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import select
+from support.fs import sync_dir
 from support.mount import Mount, Watchdog
 from support.pgserver import PrivatePostgres
 
@@ -295,6 +296,9 @@ def test_siblings_fill_parent_to_the_byte_from_both_hosts(
 
     total = sum(written.values())
     assert total == quota, f"writers stopped at {total} bytes of {quota}"
+    for mnt in hosts.values():
+        for child in ("a", "b"):
+            sync_dir(mnt / "vms" / child)
     assert catalog.used("vms") == total
     for child in ("a", "b"):
         expected = {f"{h}{i}.img": n for (h, c, i), n in written.items() if c == child}
@@ -321,10 +325,12 @@ def test_siblings_fill_parent_to_the_byte_from_both_hosts(
             )
             for entry in os.listdir(m / "vms" / child):
                 os.unlink(m / "vms" / child / entry)
+            sync_dir(m / "vms" / child)
         assert catalog.used("vms") == 0
         for other in hosts.values():
             wait_for(lambda o=other: not os.listdir(o / "vms" / "a"), VISIBLE_WITHIN_S, "empty")
         assert fill(m / "vms" / "a" / f"alone-{name}.img") == quota_a
+        sync_dir(m / "vms" / "a")
         assert catalog.used("vms/a") == quota_a
         assert catalog.used("vms") == quota_a
         assert catalog.media_sizes("vms/a") == {f"alone-{name}.img": quota_a}
@@ -417,6 +423,7 @@ def test_killed_host_room_is_reclaimed_after_its_lease(
 
     # The 4 MiB A really wrote stay charged; the rest of its grant went to B.
     assert second == held - a_bytes
+    sync_dir(b / "vms")
     assert catalog.media_sizes("vms") == {"crashed.img": a_bytes, "b1.img": first, "b2.img": second}
     assert catalog.used("vms") == a_bytes + first + second == quota
     wait_for(lambda: catalog.grants() == 0, 5.0, "no grants left")
@@ -652,7 +659,8 @@ def test_catalog_outage_under_a_running_mount(
         finally:
             os.close(fd)
         assert writer.pwrite(3 * MIB, 7, 4) == 7
-        writer.close()  # settles: needs the catalog back
+        writer.close()
+        sync_dir(pool)  # the closes reach the catalog: it must be back
     finally:
         writer.kill()
         os.close(reader)

@@ -42,6 +42,7 @@ from support.admin import (
     volume_file,
     write_config,
 )
+from support.fs import sync_dir
 
 from velocityfs.catalog.models import Grant, Media
 from velocityfs.service.accounts import PERMISSIONS
@@ -581,6 +582,7 @@ def test_move_to_volumes_and_back_to_default(vcli, store_dir, catalog_url, mount
         f.seek(0, os.SEEK_END)
         f.write(b"tail")
     assert disk.read_bytes() == data + b"tail"
+    sync_dir(disk.parent)
     pools = {p["path"]: p for p in vcli("pool", "list", "--json").json()}
     assert pools["tenants"]["used_bytes"] == len(data) + 4
     assert vcli("fsck").code == 0

@@ -85,6 +85,16 @@ def vattr(path: str | os.PathLike[str], key: str) -> str:
     return os.getxattr(path, VX + key).decode()
 
 
+def sync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync on a pool: the mount commits the closes and unlinks it batches (fs.deferred),
+    so the catalog read next by another process is exact."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def used(path: str | os.PathLike[str]) -> int:
     return int(vattr(path, "used_bytes"))
 

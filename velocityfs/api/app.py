@@ -60,6 +60,7 @@ class Mirror(Protocol):
     async def pool_removed(self, pool_id: str) -> None: ...
     async def media_added(self, view: MediaView) -> None: ...
     async def media_removed(self, media_id: str) -> None: ...
+    async def settle_pending(self) -> None: ...
 
 
 def status_of(exc: errors.VelocityError) -> int:
@@ -142,6 +143,9 @@ class Shim:
         self.mirror = mirror
 
     async def call(self, fn: Any, *args: Any) -> Any:
+        if self.mirror is not None:
+            # The mount's batched closes and unlinks first: API clients see what cp and rm did.
+            await self.mirror.settle_pending()
         return await self.offload(fn, *args)
 
     # /u/auth ----------------------------------------------------------------

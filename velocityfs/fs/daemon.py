@@ -56,7 +56,7 @@ async def _serve(ops: VelocityOperations, mountpoint: str, api_bind: str | None)
 
         nursery.start_soon(watch_signals)
         nursery.start_soon(Follower(ops, ops.attr_timeout).run)
-        nursery.start_soon(ops.drop_leases_forever)
+        nursery.start_soon(ops.deferred.run)
         if api_bind is not None:
             await nursery.start(
                 functools.partial(

@@ -15,6 +15,9 @@ import trio
 
 from velocityfs.service.views import MediaView, PoolView
 
+# The time of a change this mount is still making (see VelocityOperations.touched).
+IN_FLIGHT = 1 << 62
+
 
 @dataclass(eq=False)
 class Node:
@@ -89,6 +92,11 @@ class MediaNode(Node):
     @property
     def granted(self) -> int:
         return self.charged - self.settled
+
+    @property
+    def unsettled(self) -> bool:
+        """The catalog does not know this node's state yet: size, grant or lease."""
+        return self.held or self.dirty or self.size != self.settled or self.granted != 0
 
     def update(self, view: MediaView) -> None:
         """Take the catalog's view, keeping local write state of an open file."""

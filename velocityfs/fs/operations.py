@@ -24,9 +24,9 @@ import pyfuse3
 import trio
 
 from velocityfs.errors import QuotaExceeded, VelocityError
+from velocityfs.fs.deferred import DeferredReleases
 from velocityfs.fs.errno_map import errno_of
-from velocityfs.fs.nodes import DirNode, Inodes, MediaNode, Node, blocks_of
-from velocityfs.service.ledger import Settlement
+from velocityfs.fs.nodes import IN_FLIGHT, DirNode, Inodes, MediaNode, Node, blocks_of
 from velocityfs.service.pools import mib_to_bytes
 from velocityfs.service.velocity import Velocity
 from velocityfs.service.views import Creator, MediaView, PoolView
@@ -45,11 +45,8 @@ T = TypeVar("T")
 MIB = 1 << 20
 # A new file's first grant: a small file is then written without another transaction.
 FIRST_GRANT = MIB
-# How long closes gather before their leases are released in one transaction.
-LEASE_BATCH_S = 0.05
 BLKSIZE = MIB
 XATTR_PREFIX = "user.velocity."
-IN_FLIGHT = 1 << 62
 
 
 @functools.lru_cache(maxsize=256)
@@ -132,12 +129,11 @@ class VelocityOperations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.dir_handles: dict[int, list[tuple[str, Node]]] = {}
-        self._leases_to_drop: dict[str, MediaNode] = {}
         # Pools and media this mount is changing (IN_FLIGHT) or changed, and when
         # (after the commit): the follower drops catalog views of them read before
         # that, which would undo the change they raced (a settle, rename, chmod).
         self.touched: dict[str, int] = {}
-        self._lease_drop_wanted = trio.Event()
+        self.deferred = DeferredReleases(self)
 
     @contextlib.contextmanager
     def changing(self, *object_ids: str | None) -> Iterator[None]:
@@ -174,6 +170,23 @@ class VelocityOperations(pyfuse3.Operations):
 
     # helpers -------------------------------------------------------------
     async def sql(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a service call off the trio thread, after the unlinks still pending (a name
+        they free may be the one this call uses); service refusals become errno."""
+        await self.deferred.commit_unlinks()
+        return await self.call(fn, *args, **kwargs)
+
+    async def sql_with_room(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``sql``, once more after committing pending closes if the room did not suffice:
+        their grants may be what holds it."""
+        try:
+            return await self.sql(fn, *args, **kwargs)
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOSPC or not self.deferred.pending:
+                raise
+        await self.deferred.commit()
+        return await self.sql(fn, *args, **kwargs)
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a service call off the trio thread; service refusals become errno."""
         try:
             return await self.offload(fn, *args, **kwargs)
@@ -276,6 +289,7 @@ class VelocityOperations(pyfuse3.Operations):
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
         if isinstance(node, MediaNode):
+            await self.deferred.settle_first(node)  # its batch would write the old mtime
             if fields.update_size:
                 await self.truncate(node, attr.st_size)
             if fields.update_atime:
@@ -313,6 +327,14 @@ class VelocityOperations(pyfuse3.Operations):
             name, child = entries[index]
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self.attrs(child), index + 1):
                 break
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """fsync on a pool: its closes and unlinks reach the catalog now (fs.deferred)."""
+        await self.deferred.commit()
+
+    async def settle_pending(self) -> None:
+        """The in-process API is about to read the catalog: commit what this mount deferred."""
+        await self.deferred.commit()
 
     async def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)
@@ -405,10 +427,11 @@ class VelocityOperations(pyfuse3.Operations):
         """
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if writable:
+            await self.deferred.settle_first(node)
             # Under the node's lock: a batched lease release may be in flight.
             async with node.lock:
                 if not node.held:
-                    await self.sql(self.v.ledger.hold, node.media_id, self.holder_id)
+                    await self.call(self.v.ledger.hold, node.media_id, self.holder_id)
                     node.held = True
         try:
             fd = os.open(node.open_path, os.O_RDWR if writable else os.O_RDONLY)
@@ -437,7 +460,7 @@ class VelocityOperations(pyfuse3.Operations):
             # Cut off from the catalog too long: another host may have reclaimed our grants.
             raise fuse_error(errno.EIO)
         if end > node.charged:
-            await self._grow(node, end, partial=True)
+            await self._reserve(node, end, partial=True)
             if off >= node.charged:
                 raise fuse_error(errno.ENOSPC)
             if end > node.charged:
@@ -453,6 +476,19 @@ class VelocityOperations(pyfuse3.Operations):
         node.mtime_ns = node.ctime_ns = time.time_ns()
         node.dirty = True
         return written
+
+    async def _reserve(self, node: MediaNode, end: int, *, partial: bool) -> None:
+        """``_grow``, and once more after committing pending closes if it fell short:
+        their grants may be what holds the room."""
+        try:
+            await self._grow(node, end, partial=partial)
+            if end <= node.charged or not self.deferred.pending:
+                return
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOSPC or not self.deferred.pending:
+                raise
+        await self.deferred.commit()
+        await self._grow(node, end, partial=partial)
 
     async def _grow(self, node: MediaNode, end: int, *, partial: bool) -> None:
         """Reserve room so that ``node.charged >= end`` (or as much as fits, if partial)."""
@@ -502,7 +538,8 @@ class VelocityOperations(pyfuse3.Operations):
             node.charged = size + keep
             node.dirty = False
             with self.changing(node.media_id):
-                await self.sql(
+                # call, not sql: a batch being committed may wait for this node's lock.
+                await self.call(
                     self.v.ledger.settle,
                     node.media_id,
                     self.holder_id,
@@ -516,8 +553,9 @@ class VelocityOperations(pyfuse3.Operations):
 
     async def truncate(self, node: MediaNode, size: int) -> None:
         """Resize a media; growth past a quota fails with ENOSPC and changes nothing."""
+        await self.deferred.settle_first(node)
         if size > node.charged:
-            await self._grow(node, size, partial=False)
+            await self._reserve(node, size, partial=False)
         with self.changing(node.media_id):
             async with node.lock:
                 try:
@@ -553,7 +591,7 @@ class VelocityOperations(pyfuse3.Operations):
         if grows and time.monotonic() > self.lease_valid_until:
             raise fuse_error(errno.EIO)  # as in write(): our grants may be gone
         if grows and end > node.charged:
-            await self._grow(node, end, partial=False)
+            await self._reserve(node, end, partial=False)
         async with node.lock:
             if grows and end > node.charged:
                 # Handed back while we waited for the lock (a truncate, a settle).
@@ -568,9 +606,7 @@ class VelocityOperations(pyfuse3.Operations):
             node.dirty = True
 
     async def flush(self, fh: int) -> None:
-        handle = self.handles[fh]
-        if handle.writable:
-            await self.settle(handle.node, release_grant=handle.node.writers == 1)
+        """Nothing to do: the last release settles, in a batch (see fs.deferred)."""
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handles[fh]
@@ -583,12 +619,8 @@ class VelocityOperations(pyfuse3.Operations):
         node.open_count -= 1
         node.writers -= handle.writable
         try:
-            if node.writers == 0 and (node.dirty or node.size != node.settled or node.granted):
-                await self.settle(node, release_grant=True)
-            elif node.writers == 0 and node.held:
-                # Only the lease row is left (flush settled the rest): drop it in a batch.
-                self._leases_to_drop[node.media_id] = node
-                self._lease_drop_wanted.set()
+            if node.writers == 0 and node.unsettled and not node.deleted:
+                self.deferred.close(node)
         finally:
             os.close(handle.fd)
             if node.deleted and node.open_count == 0:
@@ -601,8 +633,7 @@ class VelocityOperations(pyfuse3.Operations):
             raise fuse_error(errno.ENOENT)
         if not isinstance(child, MediaNode):
             raise fuse_error(errno.EISDIR)
-        with self.changing(child.media_id):
-            await self.sql(self.v.media.remove, child.media_id)
+        self.deferred.unlink(child)
         self.inodes.detach(child)
         parent.mtime_ns = parent.ctime_ns = time.time_ns()
 
@@ -635,7 +666,9 @@ class VelocityOperations(pyfuse3.Operations):
                 if isinstance(target, DirNode):
                     raise fuse_error(errno.EISDIR)
                 await self._settle_before_move(node)
-                await self.sql(self.v.media.rename, node.media_id, new_parent.pool_id, new_name)
+                await self.sql_with_room(
+                    self.v.media.rename, node.media_id, new_parent.pool_id, new_name
+                )
             else:
                 assert isinstance(node, DirNode) and node.pool_id is not None
                 if isinstance(target, MediaNode):
@@ -645,7 +678,9 @@ class VelocityOperations(pyfuse3.Operations):
                         raise fuse_error(errno.ENOTEMPTY)
                     assert target.pool_id is not None
                     await self.sql(self.v.pools.remove, target.pool_id)
-                await self.sql(self.v.pools.rename, node.pool_id, new_parent.pool_id, new_name)
+                await self.sql_with_room(
+                    self.v.pools.rename, node.pool_id, new_parent.pool_id, new_name
+                )
             if target is not None:
                 self.inodes.detach(target)
             self.inodes.move(node, new_parent, new_name)
@@ -661,6 +696,7 @@ class VelocityOperations(pyfuse3.Operations):
 
     # filesystem ----------------------------------------------------------
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        await self.deferred.commit()
         quota, used = await self.sql(self.v.pools.capacity)
         disk = os.statvfs(self.v.backing.top)
         frsize = 4096
@@ -689,6 +725,7 @@ class VelocityOperations(pyfuse3.Operations):
             raise fuse_error(pyfuse3.ENOATTR) from None
 
     async def _velocity_xattr(self, node: Node, key: str) -> bytes:
+        await self.deferred.commit()  # usage and room as they are, not before the batch
         if isinstance(node, MediaNode):
             if key == "mid":
                 return node.media_id.encode()
@@ -735,6 +772,7 @@ class VelocityOperations(pyfuse3.Operations):
             quota_bytes = None if quota is None else mib_to_bytes(quota)
         except VelocityError as exc:
             raise fuse_error(errno.EINVAL) from exc
+        await self.deferred.commit()  # grants of closed files must not count as usage
         await self.sql(self.v.pools.set_quota, node.pool_id, quota_bytes)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -757,40 +795,9 @@ class VelocityOperations(pyfuse3.Operations):
         return node.pool_id
 
     # shutdown ------------------------------------------------------------
-    async def drop_leases_forever(self) -> None:
-        """Release the leases of closed files in batches: one transaction for many closes."""
-        while True:
-            await self._lease_drop_wanted.wait()
-            await trio.sleep(LEASE_BATCH_S)
-            self._lease_drop_wanted = trio.Event()
-            try:
-                await self.drop_leases()
-            except pyfuse3.FUSEError:
-                log.warning("could not release leases; they go when this mount's lease does")
-
-    async def drop_leases(self) -> None:
-        nodes = list(self._leases_to_drop.values())
-        self._leases_to_drop.clear()
-        async with contextlib.AsyncExitStack() as locks:
-            for node in nodes:
-                await locks.enter_async_context(node.lock)
-            closed = [n for n in nodes if n.writers == 0 and n.held and not n.deleted]
-            if not closed:
-                return
-            for node in closed:
-                node.charged = node.size
-            await self.sql(
-                self.v.ledger.settle_many,
-                self.holder_id,
-                [Settlement(n.media_id, n.size, mtime_ns=n.mtime_ns) for n in closed],
-            )
-            for node in closed:
-                node.settled = node.size
-                node.held = False
-
     async def settle_all(self) -> None:
         """On unmount: settle every open media and hand back every grant and lease."""
-        await self.drop_leases()
+        await self.deferred.commit()
         for handle in list(self.handles.values()):
             handle.node.writers = 0
             if not handle.node.deleted:

@@ -2,7 +2,7 @@
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, insert, select, update
@@ -17,7 +17,7 @@ from velocityfs.service.ledger import (
     add_grant,
     grant_size,
     granted,
-    lock_media,
+    lock_media_rows,
     media_row,
 )
 from velocityfs.service.names import check_name
@@ -244,10 +244,23 @@ class MediaService:
 
     def remove(self, media_id: str) -> None:
         """Delete media: its size and any grants on it go back to the pool chain."""
+        if not self.remove_many([media_id]):
+            raise NotFound(f"no media {media_id}")
+
+    def remove_many(self, media_ids: Sequence[str]) -> list[str]:
+        """Delete many media in one transaction (a mount's unlinks, batched).
+
+        Media already gone (removed by another host) are skipped; returns the
+        ids removed. Backing files go after the commit.
+        """
         with self.db.statements() as conn:
-            media, chain = lock_media(conn, media_id)  # its size as of the lock, not before
-            self._drop(conn, media, chain)
-        self.backing.remove(media.volume, media_id)
+            # Sizes as of the locks, not before.
+            rows, chains = lock_media_rows(conn, media_ids)
+            for row in rows.values():
+                self._drop(conn, row, chains[row.pool_id])
+        for row in rows.values():
+            self.backing.remove(row.volume, row.id)
+        return list(rows)
 
     def _drop(self, conn: Connection, media: Any, chain: list[Link]) -> None:
         """Delete a media row (id, size); ``chain`` is its pool chain, already locked."""

@@ -1,0 +1,140 @@
+"""Closes and unlinks reach the catalog in batches (fs.deferred), and nothing can tell.
+
+They only give room back, so the mount answers them from memory and commits
+them together a moment later. What must still hold: the catalog catches up on
+its own within the batch window; fsync on a pool commits at once; a name or a
+pool freed by unlinks can be used again at once; and a pool still fills to the
+byte right after closes whose grants are not yet returned.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+import pytest
+from support.fs import MIB, Catalog, sync_dir, used
+
+CATCH_UP_S = 2.0  # far above the batch window (50 ms), for a loaded CI machine
+
+
+@pytest.fixture
+def catalog(catalog_url, store_dir):
+    c = Catalog(catalog_url, store_dir)
+    yield c
+    c.close()
+
+
+def media_sizes(catalog: Catalog, ref: str) -> dict[str, int]:
+    pool = catalog.v.pool_by_ref(ref)
+    return {m.name: m.size for m in catalog.v.media.in_pool(pool.id)}
+
+
+def eventually(check, what: str) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until ``check()`` holds; fails after CATCH_UP_S."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > CATCH_UP_S:
+            pytest.fail(f"the catalog did not catch up with {what} in {CATCH_UP_S} s")
+        time.sleep(0.005)
+    return time.monotonic() - started
+
+
+def test_the_catalog_catches_up_without_any_sync(catalog, mount):
+    catalog.setup({"tenants": 64})
+    m = mount()
+    pool = m / "tenants"
+    sizes = {f"f{i}.img": 4096 * (i + 1) for i in range(20)}
+    for name, size in sizes.items():
+        (pool / name).write_bytes(b"x" * size)
+    waited = eventually(lambda: media_sizes(catalog, "tenants") == sizes, "20 closes")
+    eventually(lambda: catalog.used("tenants") == sum(sizes.values()), "returned grants")
+    print(f"closes in the catalog after {waited * 1000:.0f} ms")
+
+    for name in list(sizes)[:10]:
+        os.unlink(pool / name)
+        del sizes[name]
+    eventually(lambda: media_sizes(catalog, "tenants") == sizes, "10 unlinks")
+    eventually(lambda: catalog.used("tenants") == sum(sizes.values()), "freed room")
+    assert not any((catalog.v.backing.top / "media").glob("*/*.moving"))
+
+
+def test_fsync_on_a_pool_commits_at_once(catalog, mount):
+    catalog.setup({"tenants": 64})
+    m = mount()
+    pool = m / "tenants"
+    (pool / "a.img").write_bytes(b"a" * (3 * MIB + 1))
+    backing = os.getxattr(pool / "a.img", "user.velocity.backing_path").decode()
+    sync_dir(pool)
+    assert media_sizes(catalog, "tenants") == {"a.img": 3 * MIB + 1}
+    assert catalog.used("tenants") == 3 * MIB + 1
+
+    os.unlink(pool / "a.img")
+    sync_dir(pool)
+    assert media_sizes(catalog, "tenants") == {}
+    assert catalog.used("tenants") == 0
+    assert not os.path.exists(backing)
+
+
+def test_names_and_pools_freed_by_unlinks_are_usable_at_once(catalog, mount):
+    catalog.setup({"tenants": 64})
+    m = mount()
+    pool = m / "tenants"
+    sub = pool / "vm"
+    sub.mkdir()
+    for i in range(5):
+        (sub / f"disk{i}.img").write_bytes(b"d" * MIB)
+    (pool / "same.img").write_bytes(b"old")
+
+    # rm -rf: the subpool is empty in the catalog by the time rmdir asks.
+    for i in range(5):
+        os.unlink(sub / f"disk{i}.img")
+    os.rmdir(sub)
+    assert not catalog.exists("tenants/vm")
+
+    # The name of an unlinked media is free at once, for a file and for a pool.
+    os.unlink(pool / "same.img")
+    (pool / "same.img").write_bytes(b"new")
+    os.unlink(pool / "same.img")
+    (pool / "same.img").mkdir()
+    assert catalog.exists("tenants/same.img")
+    os.rmdir(pool / "same.img")
+    (pool / "same.img").write_bytes(b"newest")
+    sync_dir(pool)
+    assert media_sizes(catalog, "tenants") == {"same.img": 6}
+    assert catalog.used("tenants") == 6
+
+
+def test_a_pool_fills_to_the_byte_right_after_closes(catalog, mount):
+    """Grants of files just closed still count until their batch; a write that needs
+    that room commits the batch and gets it."""
+    quota = 16 * MIB
+    catalog.setup({"tenants": 16})
+    m = mount()
+    pool: Path = m / "tenants"
+    written = 0
+    for i in range(8):  # each close leaves a grant behind until the batch
+        with open(pool / f"small{i}.img", "wb") as f:
+            written += f.write(b"s" * (MIB // 2 + i))
+    fd = os.open(pool / "big.img", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        buf = b"b" * MIB
+        while True:
+            try:
+                n = os.write(fd, buf)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+            written += n
+            if n < len(buf):
+                with pytest.raises(OSError) as exc:
+                    os.write(fd, buf)
+                assert exc.value.errno == errno.ENOSPC
+                break
+    finally:
+        os.close(fd)
+    assert written == quota
+    assert used(pool) == quota
+    assert catalog.used("tenants") == quota
