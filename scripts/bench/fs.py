@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Filesystem benchmark: velocityfs against the bare disk and against mergerfs, in one run.
+"""Filesystem benchmark: velocityfs against the bare disk, mergerfs and pyfuse3's example.
 
 What it measures, on three targets that all live on the same disk (one work directory):
 
@@ -8,6 +8,11 @@ What it measures, on three targets that all live on the same disk (one work dire
   mounted with ``velocityfs mount`` in a subprocess; the benchmark runs in ``MNT/bench``;
 * ``mergerfs``: mergerfs with the native directory as its only branch, i.e. a FUSE
   pass-through written in C. It is the "what FUSE itself costs" baseline.
+* ``passthrough``: ``examples/passthroughfs.py`` of the installed pyfuse3 release, run
+  as it ships (fetched from that release's source on PyPI) over a native directory:
+  what a pyfuse3 filesystem costs with no catalog at all, the issue's bar. It sets its
+  entry and attribute timeouts to 0, so it asks the kernel for more round trips than
+  the others (every stat is one anyway, see below).
 
 Rows: sequential write (``os.write`` of 1 MiB buffers into a fresh file, close included,
 no fsync), sequential read of that file in 1 MiB reads after dropping the page cache,
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -53,6 +59,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -63,7 +70,7 @@ from typing import Any
 MIB = 1 << 20
 SMALL_FILE = 4096
 REPO = Path(__file__).resolve().parents[2]
-TARGETS = ("native", "velocityfs", "mergerfs")
+TARGETS = ("native", "velocityfs", "mergerfs", "passthrough")
 MEMORY_FILESYSTEMS = {"tmpfs", "ramfs", "ramfs/tmpfs"}
 VELOCITYFS_READY = "velocityfs: mounted"
 MOUNT_TIMEOUT = 60.0
@@ -410,6 +417,7 @@ class Row:
             **{t: {"median": self.median(t), "samples": self.samples[t]} for t in TARGETS},
             "ratio_to_native": {t: self.ratio(t) for t in TARGETS[1:]},
             "velocityfs_to_mergerfs": self.ratio("velocityfs", "mergerfs"),
+            "velocityfs_to_passthrough": self.ratio("velocityfs", "passthrough"),
         }
 
 
@@ -428,17 +436,20 @@ def fmt_ratio(value: float | None) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    header = ["row", "unit", "native", "velocityfs", "ratio", "mergerfs", "ratio", "vfs/mfs"]
+    header = ["row", "unit", "native"]
+    for target in TARGETS[1:]:
+        header += [target, "ratio"]
+    header += ["vfs/mfs", "vfs/pt"]
     lines = [
-        [
-            row.label,
-            row.unit,
-            fmt_value(row.median("native"), row.unit),
-            fmt_value(row.median("velocityfs"), row.unit),
-            fmt_ratio(row.ratio("velocityfs")),
-            fmt_value(row.median("mergerfs"), row.unit),
-            fmt_ratio(row.ratio("mergerfs")),
+        [row.label, row.unit, fmt_value(row.median("native"), row.unit)]
+        + [
+            cell
+            for target in TARGETS[1:]
+            for cell in (fmt_value(row.median(target), row.unit), fmt_ratio(row.ratio(target)))
+        ]
+        + [
             fmt_ratio(row.ratio("velocityfs", "mergerfs")),
+            fmt_ratio(row.ratio("velocityfs", "passthrough")),
         ]
         for row in rows
     ]
@@ -629,8 +640,8 @@ def run_rows(
                 rows[key].add(t.name, args.files / seconds)
                 progress(t, rows[key], rep, args.files / seconds)
 
-    # Last, because the directories stay (the work directory goes away as a whole): on
-    # velocityfs every unlink is a catalog transaction, which this row does not measure.
+    # Last, because the directories stay (the work directory goes away as a whole): the
+    # unlink row above already measured removing files.
     for rep in range(args.repeat):
         for t in ordered(targets, rep):
             directory = t.directory / f"ls-{rep}"
@@ -695,7 +706,8 @@ def benchmark(
     native_root = work / "native"
     (native_root / "native").mkdir(parents=True)
     (native_root / "mergerfs").mkdir()
-    vfs_mnt, mfs_mnt = work / "mnt", work / "mergerfs"
+    (native_root / "passthrough").mkdir()
+    vfs_mnt, mfs_mnt, pt_mnt = work / "mnt", work / "mergerfs", work / "passthrough"
     vfs = [*velocityfs_command(), "--catalog", f"sqlite:///{work}/catalog.sqlite"]
     vfs += ["--store", str(work / "store")]
     quota_mib = 2 * (args.size_mib + args.cp_mib) + args.files * SMALL_FILE // MIB + 1024
@@ -724,14 +736,23 @@ def benchmark(
     )
     started.append(mergerfs)
     mergerfs.start()
+    passthrough = FuseMount(
+        "passthrough",
+        [sys.executable, str(passthrough_example(work)), str(native_root / "passthrough")]
+        + [str(pt_mnt)],
+        pt_mnt,
+        work / "passthrough.log",
+    )
+    started.append(passthrough)
+    passthrough.start()
     read_ahead = velocityfs.read_ahead_kb()
-    if read_ahead is not None and args.mergerfs_cache != "off":
-        mergerfs.set_read_ahead_kb(read_ahead)
-    env["read_ahead_kb"] = {
-        "velocityfs": velocityfs.read_ahead_kb(),
-        "mergerfs": mergerfs.read_ahead_kb(),
-    }
-    log(f"mounted velocityfs on {vfs_mnt} and mergerfs on {mfs_mnt}")
+    if read_ahead is not None:
+        passthrough.set_read_ahead_kb(read_ahead)
+        if args.mergerfs_cache != "off":
+            mergerfs.set_read_ahead_kb(read_ahead)
+    peers = {"velocityfs": velocityfs, "mergerfs": mergerfs, "passthrough": passthrough}
+    env["read_ahead_kb"] = {name: m.read_ahead_kb() for name, m in peers.items()}
+    log(f"mounted velocityfs on {vfs_mnt}, mergerfs on {mfs_mnt}, passthrough on {pt_mnt}")
 
     def velocityfs_backing(path: Path) -> Path | None:
         try:
@@ -743,15 +764,31 @@ def benchmark(
         Target("native", native_root / "native", lambda p: None),
         Target("velocityfs", vfs_mnt / "bench", velocityfs_backing),
         Target("mergerfs", mfs_mnt / "mergerfs", lambda p: native_root / "mergerfs" / p.name),
+        Target("passthrough", pt_mnt, lambda p: native_root / "passthrough" / p.name),
     ]
     caches = Caches()
     rows = run_rows(targets, args, work, caches)
     env["cold_reads"] = caches.description
-    env["peak_rss_mib"] = {
-        "velocityfs": velocityfs.peak_rss_mib(),
-        "mergerfs": mergerfs.peak_rss_mib(),
-    }
+    env["peak_rss_mib"] = {name: m.peak_rss_mib() for name, m in peers.items()}
     return rows
+
+
+def passthrough_example(work: Path) -> Path:
+    """pyfuse3's passthroughfs.py of the installed release, from its source on PyPI."""
+    version = importlib.metadata.version("pyfuse3").split("+")[0]
+    sdist = work / "pyfuse3-sdist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check"]
+        + ["--no-deps", "--no-binary", ":all:", "-d", str(sdist), f"pyfuse3=={version}"],
+        check=True,
+    )
+    member = f"pyfuse3-{version}/examples/passthroughfs.py"
+    with tarfile.open(sdist / f"pyfuse3-{version}.tar.gz") as tar:
+        source = tar.extractfile(member)
+        assert source is not None, member
+        script = work / "passthroughfs.py"
+        script.write_bytes(source.read())
+    return script
 
 
 def teardown(work: Path, started: list[FuseMount], *, keep: bool, failed: bool) -> None:
@@ -784,7 +821,10 @@ def report(rows: list[Row], env: dict[str, Any], args: argparse.Namespace) -> No
     )
     print(f"{env['mergerfs']}: -o {env['mergerfs_options']}")
     print(f"peak RSS MiB: {env['peak_rss_mib']}")
-    print("ratio = target vs native, vfs/mfs = velocityfs vs mergerfs; > 1 means faster\n")
+    print(
+        "ratio = target vs native, vfs/mfs = velocityfs vs mergerfs, vfs/pt = velocityfs vs "
+        "pyfuse3's passthrough example; > 1 means faster\n"
+    )
     print(table(rows))
     if args.json:
         config = {
