@@ -423,14 +423,18 @@ def test_shrinking_an_open_file_returns_room_at_once(catalog, mount):
     assert catalog.pool("tenants")["used_bytes"] == sizes
 
 
+def _pool_with_disk(catalog, mount, size: int) -> tuple[Path, Path, bytes]:
+    """A 16 MiB pool on a fresh mount, holding disk.img of ``size`` random bytes."""
+    catalog.setup({"tenants": 16})
+    pool = mount() / "tenants"
+    data = os.urandom(size)
+    (pool / "disk.img").write_bytes(data)
+    return pool, pool / "disk.img", data
+
+
 def test_fallocate_grows_within_quota_and_beyond_fails_changing_nothing(catalog, mount):
     """fallocate(2) growth is charged like a write; past the quota it changes nothing."""
-    catalog.setup({"tenants": 16})
-    m = mount()
-    pool = m / "tenants"
-    path = pool / "disk.img"
-    data = os.urandom(3 * MIB)
-    path.write_bytes(data)
+    pool, path, data = _pool_with_disk(catalog, mount, 3 * MIB)
 
     run("fallocate", "-l", "8M", path)
     assert os.stat(path).st_size == 8 * MIB
@@ -463,12 +467,7 @@ def test_fallocate_grows_within_quota_and_beyond_fails_changing_nothing(catalog,
 
 
 def test_fallocate_punches_and_zeroes_without_changing_usage(catalog, mount):
-    catalog.setup({"tenants": 16})
-    m = mount()
-    pool = m / "tenants"
-    path = pool / "disk.img"
-    data = os.urandom(4 * MIB)
-    path.write_bytes(data)
+    pool, path, data = _pool_with_disk(catalog, mount, 4 * MIB)
     blocks = os.stat(path).st_blocks
 
     run("fallocate", "--punch-hole", "-o", "1M", "-l", "1M", path)  # qemu's discard
