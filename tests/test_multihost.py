@@ -41,7 +41,7 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import select
-from support.fs import sync_dir
+from support.fs import sync_dir, vattr
 from support.mount import Mount, Watchdog
 from support.pgserver import PrivatePostgres
 
@@ -609,6 +609,7 @@ def test_catalog_outage_under_a_running_mount(
     kept = os.urandom(MIB + 5)
     (pool / "kept.img").write_bytes(kept)
     reader = os.open(pool / "kept.img", os.O_RDONLY)
+    mid_of_kept = vattr(pool / "kept.img", "mid")
     writer = RemoteWriter(pool / "growing.img")
     try:
         assert writer.pwrite(0, MIB, 1) == MIB
@@ -620,10 +621,14 @@ def test_catalog_outage_under_a_running_mount(
         finally:
             c.close()
         assert room >= MIB, f"no grant left to write into: {room} bytes"
+        kept_writer = os.open(pool / "kept.img", os.O_WRONLY)
 
         private_pg.stop("fast")
         try:
+            # A close only queues its settlement; the batch waits for the catalog.
+            os.close(kept_writer)
             # Served from memory: reads, attributes, listings.
+            assert vattr(pool / "kept.img", "mid") == mid_of_kept
             assert os.pread(reader, len(kept) + 10, 0) == kept
             assert os.stat(pool / "kept.img").st_size == len(kept)
             assert os.stat(pool / "growing.img").st_size == 2 * MIB

@@ -333,8 +333,13 @@ class VelocityOperations(pyfuse3.Operations):
         await self.deferred.commit()
 
     async def settle_pending(self) -> None:
-        """The in-process API is about to read the catalog: commit what this mount deferred."""
-        await self.deferred.commit()
+        """The in-process API is about to read the catalog: commit what this mount deferred.
+
+        If the catalog is away the batch stays queued, and the API call that follows
+        meets the outage itself (503), rather than this one failing for it.
+        """
+        with contextlib.suppress(pyfuse3.FUSEError):
+            await self.deferred.commit()
 
     async def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)
@@ -725,7 +730,6 @@ class VelocityOperations(pyfuse3.Operations):
             raise fuse_error(pyfuse3.ENOATTR) from None
 
     async def _velocity_xattr(self, node: Node, key: str) -> bytes:
-        await self.deferred.commit()  # usage and room as they are, not before the batch
         if isinstance(node, MediaNode):
             if key == "mid":
                 return node.media_id.encode()
@@ -735,6 +739,8 @@ class VelocityOperations(pyfuse3.Operations):
         elif isinstance(node, DirNode) and node.pool_id is not None:
             if key == "pid":
                 return node.pool_id.encode()
+            if key in ("quota_mib", "used_bytes", "avail_bytes"):
+                await self.deferred.commit()  # usage and room as they are, after the batch
             if key in ("quota_mib", "used_bytes"):
                 view = await self.sql(self.v.pools.get, node.pool_id)
                 if key == "quota_mib":
