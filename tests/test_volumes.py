@@ -421,6 +421,7 @@ def test_mount_creations_follow_policy_and_show_their_volume(
         (m / rel).write_bytes(data[rel])
     for rel, volume in files.items():
         path = m / rel
+        sync_dir(path.parent)  # asked by mid below, the CLI cannot tell the mount to commit
         mid = mid_of(path)
         assert_on_volume(store_dir, mid, volume)
         assert os.getxattr(path, VX + "volume").decode() == volume

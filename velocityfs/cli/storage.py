@@ -1,5 +1,6 @@
 """Volume and media commands: where bytes live, and moving them between volumes."""
 
+import contextlib
 import os
 from typing import Any
 
@@ -84,11 +85,24 @@ def media() -> None:
 def resolve_media(v: Velocity, ref: str) -> MediaView:
     """MEDIA is a media id, or a path in a mount (read through its user.velocity.mid)."""
     if os.path.exists(ref):
+        path = ref
         try:
-            ref = os.getxattr(ref, "user.velocity.mid").decode()
+            ref = os.getxattr(path, "user.velocity.mid").decode()
         except OSError as exc:
-            raise NotFound(f"{ref} is not media in a velocityfs mount") from exc
+            raise NotFound(f"{path} is not media in a velocityfs mount") from exc
+        _commit_pool(os.path.dirname(os.path.abspath(path)))
     return v.media.get(ref)
+
+
+def _commit_pool(directory: str) -> None:
+    """fsync on the media's pool: its mount commits the closes it batches first, so the
+    size shown is the one just written (if that fails, the catalog read says why)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def media_dict(v: Velocity, m: MediaView) -> dict[str, Any]:

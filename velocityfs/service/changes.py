@@ -41,7 +41,8 @@ class ChangeFeed:
                 pool_view(p)
                 for p in s.execute(select(Pool).where(Pool.changed_ns >= since_ns)).scalars()
             ]
-            media = list(s.execute(select(Media).where(Media.changed_ns >= since_ns)).scalars())
+            table = Media.__table__
+            media = list(s.execute(select(table).where(table.c.changed_ns >= since_ns)))
             xattrs: dict[str, dict[str, bytes]] = {}
             if media:
                 ids = [m.id for m in media]

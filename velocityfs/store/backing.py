@@ -16,6 +16,7 @@ class BackingStore:
 
     def __init__(self, top: str | os.PathLike[str]) -> None:
         self.top = Path(top).resolve()
+        self._top = str(self.top)
 
     def volume_dir(self, volume: str) -> Path:
         if volume == DEFAULT_VOLUME:
@@ -24,6 +25,15 @@ class BackingStore:
 
     def path(self, volume: str, media_id: str) -> Path:
         return self.volume_dir(volume) / "media" / media_id[:2] / media_id
+
+    def paths_text(self, volume: str, media_id: str) -> tuple[str, str]:
+        """``path`` and ``default_path`` as strings: views are built by the thousand (a
+        mount's start, the change feed), and pathlib cost more than the SQL there."""
+        tail = f"media/{media_id[:2]}/{media_id}"
+        default = f"{self._top}/{tail}"
+        if volume == DEFAULT_VOLUME:
+            return default, default
+        return f"{self._top}/vol/{volume}/{tail}", default
 
     def default_path(self, media_id: str) -> Path:
         """The media's DEFAULT path: the file itself, or a symlink to it on another volume."""
