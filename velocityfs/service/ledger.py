@@ -110,7 +110,7 @@ def add_grant(
     return row["id"]
 
 
-def _serialised(conn: Connection) -> bool:
+def serialised(conn: Connection) -> bool:
     """SQLite transactions here start with BEGIN IMMEDIATE: nothing changes under them,
     so a row read before the locks is as current as one read after."""
     return conn.dialect.name == "sqlite"
@@ -132,7 +132,7 @@ def lock_media_rows(
     while True:
         pool_ids = sorted({r.pool_id for r in rows.values()})
         chains = dict(zip(pool_ids, lock_chains(conn, *pool_ids), strict=True))
-        if _serialised(conn):
+        if serialised(conn):
             return rows, chains
         rows = {r.id: r for r in conn.execute(_MEDIA_ROWS, params)}
         if all(r.pool_id in chains for r in rows.values()):

@@ -20,6 +20,7 @@ from velocityfs.service.ledger import (
     granted,
     lock_media_rows,
     media_row,
+    serialised,
 )
 from velocityfs.service.names import check_name
 from velocityfs.service.pools import name_taken
@@ -278,8 +279,11 @@ class MediaService:
         with self.db.statements() as conn:
             media = media_row(conn, media_id)
             while True:
-                # Both chains together, root-first; the row is read again under them.
+                # Both chains together, root-first; the row is read again under them
+                # where another transaction could have moved it meanwhile (not SQLite).
                 old_chain, new_chain = lock_chains(conn, media.pool_id, pool_id)
+                if serialised(conn):
+                    break
                 media = media_row(conn, media_id)
                 if media.pool_id == old_chain[-1].id:
                     break
