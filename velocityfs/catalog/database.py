@@ -5,10 +5,12 @@ Every write transaction takes the locks it needs up front: on SQLite a
 PostgreSQL the ledger takes row locks root-first.
 """
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
@@ -28,7 +30,12 @@ def _tune_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Straight to the driver: through exec_driver_sql this one statement cost
+        # 40 us of every transaction, as much as the rest of the statements' SQL.
+        try:
+            connection.connection.driver_connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise OperationalError("BEGIN IMMEDIATE", None, exc) from exc
 
 
 def make_engine(url: str) -> Engine:
