@@ -138,3 +138,25 @@ def test_a_pool_fills_to_the_byte_right_after_closes(catalog, mount):
     assert written == quota
     assert used(pool) == quota
     assert catalog.used("tenants") == quota
+
+
+def test_a_file_reopened_before_its_batch_keeps_its_grant(catalog, mount):
+    """Appending with a close after every block (a log, a download) reopens the file
+    while its close still waits: the close is dropped, the grant stays the mount's,
+    and the pool still fills to the byte."""
+    quota = MIB
+    catalog.setup({"tenants": 1})
+    m = mount()
+    log = m / "tenants" / "append.log"
+    block = b"l" * 4096
+    for _ in range(quota // len(block)):
+        with open(log, "ab") as f:
+            f.write(block)
+    with pytest.raises(OSError) as exc, open(log, "ab") as f:
+        f.write(block)
+    assert exc.value.errno == errno.ENOSPC
+    assert log.stat().st_size == quota
+    assert used(m / "tenants") == quota
+    sync_dir(m / "tenants")
+    assert media_sizes(catalog, "tenants") == {"append.log": quota}
+    assert catalog.used("tenants") == quota

@@ -14,8 +14,9 @@ What waits for them, so nothing can tell the difference:
 - a reservation that does not fit commits pending closes and tries again,
   since their grants may hold the room, so a pool still fills to the byte;
 - ``user.velocity.*`` reads, statfs, fsync on a pool, the in-process API and
-  unmount commit everything, and so does reopening a closed file for writing
-  (or resizing it) before its batch.
+  unmount commit everything, and so does resizing a closed file before its
+  batch. Reopening one for writing instead takes its close out of the batch:
+  the lease and grant it would return are still the mount's.
 
 Until the batch commits, other processes see the old size (and the grant
 still charged) or the unlinked media, for at most ``BATCH_S``. After a crash
@@ -100,6 +101,14 @@ class DeferredReleases:
         what the catalog records, and no batch commits older state over it."""
         if node.media_id in self.closed or node.media_id in self._committing:
             await self.commit()
+
+    async def reopen(self, node: MediaNode) -> None:
+        """``node`` is opened for writing again: drop its close if it is still waiting
+        (its next close settles it), else wait for the batch carrying it."""
+        if self.closed.pop(node.media_id, None) is not None:
+            self.ops.touched[node.media_id] = time.time_ns()  # ours again, not in flight
+            return
+        await self.settle_first(node)
 
     async def commit_unlinks(self) -> None:
         """Commit pending unlinks now, and wait for a batch already on its way."""

@@ -432,7 +432,7 @@ class VelocityOperations(pyfuse3.Operations):
         """
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if writable:
-            await self.deferred.settle_first(node)
+            await self.deferred.reopen(node)
             # Under the node's lock: a batched lease release may be in flight.
             async with node.lock:
                 if not node.held:
@@ -610,13 +610,14 @@ class VelocityOperations(pyfuse3.Operations):
             node.mtime_ns = node.ctime_ns = time.time_ns()
             node.dirty = True
 
-    async def flush(self, fh: int) -> None:
-        """Nothing to do: the last release settles, in a batch (see fs.deferred)."""
-
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handles[fh]
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, handle.fd)
         await self.settle(handle.node, release_grant=False)
+
+    # No flush handler: pyfuse3 answers ENOSYS, and the kernel then stops sending a
+    # FLUSH round trip with every close(2). The last release settles, in a batch
+    # (see fs.deferred).
 
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
