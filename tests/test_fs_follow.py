@@ -34,20 +34,20 @@ def _racing_follower(ops: VelocityOperations, local_change) -> Follower:
     """A follower whose catalog read sees the rows from before ``local_change``,
     which commits while the read is under way."""
     follower = Follower(ops, 1.0)
-    real_offload = ops.offload
 
-    async def offload(fn, *args, **kwargs):
-        if fn == ops.v.changes.since:
-            stale = await real_offload(fn, *args, **kwargs)
-            await local_change()
-            return stale
-        return await real_offload(fn, *args, **kwargs)
+    class Racing(Offload):
+        async def __call__(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if fn == ops.v.changes.since:
+                stale = await super().__call__(fn, *args, **kwargs)
+                await local_change()
+                return stale
+            return await super().__call__(fn, *args, **kwargs)
 
     async def no_kernel(*_args) -> None:  # nothing is mounted: no kernel cache to drop
         return None
 
     follower.ops = ops
-    ops.offload = offload  # type: ignore[method-assign]
+    ops.offload = Racing(1)
     follower._forget_pages = no_kernel  # type: ignore[method-assign]
     ops.forget_entry = no_kernel  # type: ignore[method-assign]
     return follower
@@ -118,13 +118,13 @@ def test_a_change_landing_while_rows_are_applied_is_kept(catalog):
     async def main() -> None:
         follower = Follower(ops, 1.0)
         follower.since_ns -= 10**9
-        real_offload = ops.offload
 
-        async def offload(fn, *args, **kwargs):
-            result = await real_offload(fn, *args, **kwargs)
-            if fn == ops.v.changes.since:  # the remote row first, then the stale local one
-                result.media.sort(key=lambda view: view.id != remote.id)
-            return result
+        class RemoteFirst(Offload):
+            async def __call__(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+                result = await super().__call__(fn, *args, **kwargs)
+                if fn == ops.v.changes.since:  # the remote row first, then the stale local one
+                    result.media.sort(key=lambda view: view.id != remote.id)
+                return result
 
         async def local_change_while_applying(node) -> None:
             if node is not local_node:  # the first (remote) row's await: change the other
@@ -133,7 +133,7 @@ def test_a_change_landing_while_rows_are_applied_is_kept(catalog):
         async def no_kernel(*_args) -> None:
             return None
 
-        ops.offload = offload  # type: ignore[method-assign]
+        ops.offload = RemoteFirst(1)
         follower._forget_pages = local_change_while_applying  # type: ignore[method-assign]
         ops.forget_entry = no_kernel  # type: ignore[method-assign]
         await follower.refresh()

@@ -18,7 +18,7 @@ from velocityfs.errors import VelocityError
 from velocityfs.notify import sd_notify
 from velocityfs.service.access import Access
 from velocityfs.service.velocity import Velocity
-from velocityfs.threads import Offload, threads_for
+from velocityfs.threads import Offload, checkpoints, threads_for
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def run_standalone(velocity: Velocity, bind: str, catalog_timeout_s: float = 10.
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_api, velocity, offload, holder, bind)
             nursery.start_soon(keep_lease, velocity, offload, holder)
+            nursery.start_soon(checkpoints, velocity.db)
             print(f"velocityfs: serving http://{bind}", file=sys.stderr, flush=True)
             sd_notify(f"READY=1\nSTATUS=serving http://{bind}")
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

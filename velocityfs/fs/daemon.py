@@ -17,7 +17,7 @@ from velocityfs.fs.follow import Follower
 from velocityfs.fs.operations import VelocityOperations
 from velocityfs.notify import sd_notify
 from velocityfs.service.velocity import Velocity
-from velocityfs.threads import Offload, threads_for
+from velocityfs.threads import Offload, checkpoints, threads_for
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ async def _serve(ops: VelocityOperations, mountpoint: str, api_bind: str | None)
         nursery.start_soon(watch_signals)
         nursery.start_soon(Follower(ops, ops.attr_timeout).run)
         nursery.start_soon(ops.deferred.run)
+        nursery.start_soon(checkpoints, ops.v.db)
         if api_bind is not None:
             await nursery.start(
                 functools.partial(
@@ -91,7 +92,7 @@ def run_mount(
     if reclaimed:
         log.warning("reclaimed %d grant(s) left by a crashed process", reclaimed)
     holder = velocity.ledger.register_holder()
-    offload = Offload(threads_for(velocity.db.is_sqlite), catalog_timeout_s)
+    offload = Offload(threads_for(velocity.db.is_sqlite), catalog_timeout_s, inline=velocity.db)
     ops = VelocityOperations(
         velocity,
         holder,
