@@ -5,7 +5,8 @@ SQLite's write lock is free (no thread hops), and checkpoints the write-ahead
 log in the background (no commit pays for the fsyncs). What must hold: while
 another process (the CLI, a separate API server) holds the write lock, the
 mount's transactions wait off the loop, so everything it answers from memory
-still gets answered; and the catalog file itself soon has every commit.
+still gets answered, and the change feed mounts poll is read without waiting;
+and the catalog file itself soon has every commit.
 """
 
 from __future__ import annotations
@@ -111,3 +112,21 @@ def test_the_catalog_file_is_checkpointed_in_the_background(catalog, mount, cata
             return
         threading.Event().wait(0.1)
     pytest.fail(f"the catalog file has {media_in_file_alone()} of 20 media after 10 s")
+
+
+def test_the_change_feed_reads_while_another_process_writes(catalog, catalog_url):
+    """Mounts poll the feed every attribute timeout: it must neither wait for a writer
+    nor hold the write lock that the mount's own transactions need."""
+    catalog.setup({"tenants": 64})
+    pool = catalog.pool("tenants")["pid"]
+    catalog.v.media.create(pool, "a.img")
+    writer = sqlite3.connect(sqlite_path(catalog_url), isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        reader, read = in_thread(lambda: catalog.v.changes.since(0))
+        reader.join(LIVENESS_S)
+        assert not reader.is_alive(), "the change feed waited for the write lock"
+        assert [m.name for m in read[0].media] == ["a.img"]
+    finally:
+        writer.execute("COMMIT")
+        writer.close()

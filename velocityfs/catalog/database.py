@@ -25,6 +25,7 @@ SQLITE_BUSY_TIMEOUT_MS = 60_000
 SQLITE_AUTOCHECKPOINT_PAGES = 10_000
 
 _begin_without_waiting: ContextVar[bool] = ContextVar("begin_without_waiting", default=False)
+_begin_to_read: ContextVar[bool] = ContextVar("begin_to_read", default=False)
 
 
 class CatalogBusy(Exception):
@@ -50,7 +51,9 @@ def _tune_sqlite(engine: Engine) -> None:
         # 40 us of every transaction, as much as the rest of the statements' SQL.
         driver = connection.connection.driver_connection
         try:
-            if _begin_without_waiting.get():
+            if _begin_to_read.get():
+                driver.execute("BEGIN")  # WAL: a snapshot, no lock that writers wait for
+            elif _begin_without_waiting.get():
                 _begin_or_refuse(driver)
                 _begin_without_waiting.set(False)
             else:
@@ -104,6 +107,17 @@ class Database:
         with self._sessions() as session, session.begin():
             yield session
         self.commits += 1
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A unit of work that only reads. On SQLite it takes no write lock: a long
+        read (the change feed's) then never holds up the writers, nor waits for them."""
+        token = _begin_to_read.set(True)
+        try:
+            with self._sessions() as session, session.begin():
+                yield session
+        finally:
+            _begin_to_read.reset(token)
 
     @contextmanager
     def statements(self) -> Iterator[Connection]:

@@ -36,7 +36,7 @@ class ChangeFeed:
         self.media = media
 
     def since(self, since_ns: int) -> Changes:
-        with self.db.transaction() as s:
+        with self.db.reading() as s:
             pools = [
                 pool_view(p)
                 for p in s.execute(select(Pool).where(Pool.changed_ns >= since_ns)).scalars()

@@ -231,7 +231,7 @@ class MediaService:
 
     def all(self) -> list[MediaView]:
         """Every media with its xattrs: what a mount loads at start."""
-        with self.db.transaction() as s:
+        with self.db.reading() as s:
             xattrs: dict[str, dict[str, bytes]] = {}
             for owner, name, value in s.execute(select(XAttr.owner_id, XAttr.name, XAttr.value)):
                 xattrs.setdefault(owner, {})[name] = value

@@ -152,7 +152,7 @@ class PoolService:
             return pool_view(pool)
 
     def all(self) -> list[PoolView]:
-        with self.db.transaction() as s:
+        with self.db.reading() as s:
             return [pool_view(p) for p in s.execute(select(Pool)).scalars()]
 
     def resolve(self, path: str) -> PoolView:
