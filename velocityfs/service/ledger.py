@@ -244,13 +244,15 @@ class Ledger:
                 for g in conn.execute(_HOLDER_GRANTS, {"ids": ids, "holder": holder_id})
             }
             sizes, kept, dropped, added = [], [], [], []
+            deltas: dict[str, int] = {}  # per pool: one charge for all its media
             for st in settlements:
                 row = media.get(st.media_id)
                 if row is None:
                     continue
                 grant = grants.get(st.media_id)
                 held = grant.bytes if grant else 0
-                charge(conn, chains[row.pool_id], (st.size - row.size) + (st.keep - held))
+                delta = (st.size - row.size) + (st.keep - held)
+                deltas[row.pool_id] = deltas.get(row.pool_id, 0) + delta
                 if st.size != row.size or st.mtime_ns not in (None, row.mtime_ns):
                     sizes.append({"mid": row.id, "new_size": st.size, "new_mtime": st.mtime_ns})
                 if grant is not None and st.keep == 0 and not st.hold:
@@ -259,6 +261,8 @@ class Ledger:
                     kept.append({"gid": grant.id, "nbytes": st.keep})
                 elif grant is None and (st.keep or st.hold):
                     added.append(grant_row(row.pool_id, row.id, holder_id, st.keep))
+            for pool_id, delta in deltas.items():
+                charge(conn, chains[pool_id], delta)
             for statement, params in (
                 (_SET_SIZE, sizes),
                 (_SET_GRANT, kept),
