@@ -29,7 +29,7 @@ from sqlalchemy import (
 
 from velocityfs.catalog.models import Grant, Holder, Media, new_id
 from velocityfs.errors import NotFound, QuotaExceeded
-from velocityfs.service.chains import Link, charge, lock_chains, room
+from velocityfs.service.chains import Link, charge, lock_chains, room, serialised
 
 GRANT_CHUNK = 64 << 20
 DEFAULT_LEASE_S = 30.0
@@ -108,12 +108,6 @@ def add_grant(
     row = grant_row(pool_id, media_id, holder_id, nbytes)
     conn.execute(_INSERT_GRANT, row)
     return row["id"]
-
-
-def serialised(conn: Connection) -> bool:
-    """SQLite transactions here start with BEGIN IMMEDIATE: nothing changes under them,
-    so a row read before the locks is as current as one read after."""
-    return conn.dialect.name == "sqlite"
 
 
 def lock_media_rows(

@@ -11,7 +11,7 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, select, upda
 from velocityfs.catalog.database import Database
 from velocityfs.catalog.models import DEFAULT_VOLUME, Media, Pool, XAttr, new_id
 from velocityfs.errors import Conflict, InvalidValue, NotFound
-from velocityfs.service.chains import Link, charge, lock_chains, room, touch
+from velocityfs.service.chains import Link, charge, lock_chains, room, serialised, touch
 from velocityfs.service.ledger import (
     GRANTS,
     MEDIA,
@@ -20,7 +20,6 @@ from velocityfs.service.ledger import (
     granted,
     lock_media_rows,
     media_row,
-    serialised,
 )
 from velocityfs.service.names import check_name
 from velocityfs.service.pools import name_taken
