@@ -30,6 +30,10 @@ def catalog(catalog_url, store_dir):
     c.close()
 
 
+async def _no_kernel(*_args) -> None:  # nothing is mounted: no kernel cache to drop
+    return None
+
+
 def _racing_follower(ops: VelocityOperations, local_change) -> Follower:
     """A follower whose catalog read sees the rows from before ``local_change``,
     which commits while the read is under way."""
@@ -43,13 +47,10 @@ def _racing_follower(ops: VelocityOperations, local_change) -> Follower:
                 return stale
             return await super().__call__(fn, *args, **kwargs)
 
-    async def no_kernel(*_args) -> None:  # nothing is mounted: no kernel cache to drop
-        return None
-
     follower.ops = ops
     ops.offload = Racing(1)
-    follower._forget_pages = no_kernel  # type: ignore[method-assign]
-    ops.forget_entry = no_kernel  # type: ignore[method-assign]
+    follower._forget_pages = _no_kernel  # type: ignore[method-assign]
+    ops.forget_entry = _no_kernel  # type: ignore[method-assign]
     return follower
 
 
@@ -130,15 +131,45 @@ def test_a_change_landing_while_rows_are_applied_is_kept(catalog):
             if node is not local_node:  # the first (remote) row's await: change the other
                 await ops.truncate(local_node, 4 * MIB)
 
-        async def no_kernel(*_args) -> None:
-            return None
-
         ops.offload = RemoteFirst(1)
         follower._forget_pages = local_change_while_applying  # type: ignore[method-assign]
-        ops.forget_entry = no_kernel  # type: ignore[method-assign]
+        ops.forget_entry = _no_kernel  # type: ignore[method-assign]
         await follower.refresh()
 
     trio.run(main)
     assert local_node.size == local_node.settled == 4 * MIB
     assert catalog.v.media.get(local.id).size == 4 * MIB
     assert ops.inodes.by_media[remote.id].size == 1 * MIB
+
+
+def test_a_refresh_reads_each_media_version_once(catalog):
+    """The look-back reads recent rows on every refresh; a version already applied is
+    not built again, and a newer one (another host's settle) still is."""
+    catalog.setup({"tenants": 64})
+    pool = catalog.pool("tenants")["pid"]
+    media = catalog.v.media.create(pool, "disk.img")
+    ops = _ops(catalog)
+    node = ops.inodes.by_media[media.id]
+    read: list[list[str]] = []
+
+    class Recording(Offload):
+        async def __call__(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+            result = await super().__call__(fn, *args, **kwargs)
+            if fn == ops.v.changes.since:
+                read.append([view.id for view in result.media])
+            return result
+
+    async def main() -> None:
+        follower = Follower(ops, 1.0)
+        follower.since_ns -= 10**9  # the media row is recent: within the look-back
+        ops.offload = Recording(1)
+        await follower.refresh()
+        await follower.refresh()
+        other_host = catalog.v.ledger.register_holder()
+        catalog.v.ledger.settle(media.id, other_host, 1 * MIB)
+        follower._forget_pages = _no_kernel  # type: ignore[method-assign]
+        await follower.refresh()
+
+    trio.run(main)
+    assert read == [[media.id], [], [media.id]]
+    assert node.size == 1 * MIB

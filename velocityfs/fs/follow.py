@@ -38,6 +38,8 @@ class Follower:
         self.interval_s = max(0.2, interval_s)
         self.lease_s = ops.v.ledger.lease_ns / 1e9
         self.since_ns = time.time_ns()
+        # Media versions (changed_ns) applied within the look-back: not read again.
+        self.seen: dict[str, int] = {}
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -78,9 +80,13 @@ class Follower:
     # catalog changes -------------------------------------------------------
     async def refresh(self) -> None:
         started = time.time_ns()
-        changes = await self.ops.offload(self.ops.v.changes.since, self.since_ns - LOOK_BACK_NS)
+        changes = await self.ops.offload(
+            self.ops.v.changes.since, self.since_ns - LOOK_BACK_NS, self.seen
+        )
         self.since_ns = started
         await self.apply(changes, started)
+        horizon = started - LOOK_BACK_NS
+        self.seen = {k: v for k, v in self.seen.items() if v >= horizon}
         self.ops.touched = {k: t for k, t in self.ops.touched.items() if t >= started}
 
     def _stale(self, object_id: str, read_ns: int) -> bool:
@@ -102,8 +108,8 @@ class Follower:
                 break
             pending = later
         for view in changes.media:
-            if not self._stale(view.id, read_ns):
-                await self._media(view)
+            if not self._stale(view.id, read_ns) and await self._media(view):
+                self.seen[view.id] = changes.versions[view.id]
         for media_id in changes.removed_media:
             await self.ops.media_removed(media_id)
         for pool_id in changes.removed_pools:
@@ -125,16 +131,17 @@ class Follower:
         node.update(view)
         return True
 
-    async def _media(self, view: MediaView) -> None:
+    async def _media(self, view: MediaView) -> bool:
+        """Mirror one media; False when its pool is not known (the look-back retries)."""
         inodes = self.ops.inodes
         parent = inodes.by_pool.get(view.pool_id)
         node = inodes.by_media.get(view.id)
         if parent is None:
-            return
+            return False
         if node is None:
             await self._make_room(parent, view.name)
             inodes.add_media(parent, view)
-            return
+            return True
         if node.parent is not parent or node.name != view.name:
             await self._relocate(node, parent, view.name)
         if node.writers == 0 and (view.size != node.size or view.mtime_ns != node.mtime_ns):
@@ -142,6 +149,7 @@ class Follower:
             await self._forget_pages(node)
         elif node.writers == 0:
             node.update(view)
+        return True
 
     async def _make_room(self, parent: DirNode, name: str) -> None:
         """Another host replaced what we list under ``name``: drop our stale entry."""

@@ -3,11 +3,14 @@
 Every pool and media row carries ``changed_ns`` and every deletion leaves a
 tombstone, so a mount reads only the rows that changed since its last look.
 Re-reading a change is harmless (applying it is idempotent), so callers look
-back a margin to cover transactions that committed late and clock skew.
+back a margin to cover transactions that committed late and clock skew. A
+caller passes the media versions (``changed_ns``) it already applied: those
+rows are not built again, the bulk of every read while files are being made.
 """
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from sqlalchemy import delete, select
 
@@ -26,6 +29,8 @@ class Changes:
     media: list[MediaView]
     removed_pools: list[str]
     removed_media: list[str]
+    # changed_ns of each media in ``media``, to pass back as ``seen`` next time
+    versions: dict[str, int] = field(default_factory=dict)
 
 
 class ChangeFeed:
@@ -35,14 +40,21 @@ class ChangeFeed:
         self.db = database
         self.media = media
 
-    def since(self, since_ns: int) -> Changes:
+    def since(self, since_ns: int, seen: Mapping[str, int] | None = None) -> Changes:
+        """Pools and media changed since ``since_ns``, but not media whose version
+        ``seen`` has, and the removals since then."""
+        seen = seen or {}
         with self.db.reading() as s:
             pools = [
                 pool_view(p)
                 for p in s.execute(select(Pool).where(Pool.changed_ns >= since_ns)).scalars()
             ]
             table = Media.__table__
-            media = list(s.execute(select(table).where(table.c.changed_ns >= since_ns)))
+            media = [
+                m
+                for m in s.execute(select(table).where(table.c.changed_ns >= since_ns))
+                if seen.get(m.id) != m.changed_ns
+            ]
             xattrs: dict[str, dict[str, bytes]] = {}
             if media:
                 ids = [m.id for m in media]
@@ -58,6 +70,7 @@ class ChangeFeed:
                 media=[self.media.view(m, xattrs.get(m.id)) for m in media],
                 removed_pools=[oid for kind, oid in removals if kind == "pool"],
                 removed_media=[oid for kind, oid in removals if kind == "media"],
+                versions={m.id: m.changed_ns for m in media},
             )
 
     def prune(self) -> None:
