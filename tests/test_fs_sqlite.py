@@ -1,12 +1,11 @@
 """A mount on the embedded SQLite catalog, which other processes write too.
 
-The mount runs its short catalog transactions on its event loop whenever
-SQLite's write lock is free (no thread hops), and checkpoints the write-ahead
-log in the background (no commit pays for the fsyncs). What must hold: while
-another process (the CLI, a separate API server) holds the write lock, the
-mount's transactions wait off the loop, so everything it answers from memory
-still gets answered, and the change feed mounts poll is read without waiting;
-and the catalog file itself soon has every commit.
+The mount checkpoints the write-ahead log in the background (no commit pays
+for the fsyncs). What must hold: while another process (the CLI, a separate
+API server) holds the write lock, the mount's transactions wait off its event
+loop, so everything it answers from memory still gets answered, and the change
+feed mounts poll is read without waiting; and the catalog file itself soon has
+every commit.
 """
 
 from __future__ import annotations

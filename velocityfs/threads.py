@@ -5,11 +5,6 @@ freeze every FUSE and HTTP request served by the loop. The mount and the
 in-process API share one limiter, so SQLite sees a single writer thread
 (which gave the best tail latency) while PostgreSQL may use a few.
 
-The mount's short calls on SQLite (``quick``) are the exception: they run on
-the loop itself when SQLite's write lock is free, and go to the thread only
-when it is not. They never wait on the loop, and they save the two thread
-hops (0.2-0.3 ms measured here) that were a third of a file's create.
-
 While the catalog is unreachable a call is retried, with back-off, for at
 most ``catalog_timeout_s``; then the error goes to the caller (EIO in the
 mount, 503 in the API). Memory-served requests never wait for it.
@@ -24,7 +19,7 @@ from typing import Any, TypeVar
 import trio
 from sqlalchemy.exc import DBAPIError
 
-from velocityfs.catalog.database import CatalogBusy, Database
+from velocityfs.catalog.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +40,9 @@ def _is_connection_error(exc: DBAPIError) -> bool:
 class Offload:
     """Awaitable access to blocking callables, at most ``threads`` at a time."""
 
-    def __init__(
-        self, threads: int = 1, catalog_timeout_s: float = 10.0, *, inline: Database | None = None
-    ) -> None:
+    def __init__(self, threads: int = 1, catalog_timeout_s: float = 10.0) -> None:
         self.limiter = trio.CapacityLimiter(threads)
         self.catalog_timeout_s = catalog_timeout_s
-        self.inline = inline if inline is not None and inline.is_sqlite else None
-
-    async def quick(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """A short call: on the loop if its first transaction gets SQLite's write lock
-        without waiting (``inline``), else as ``__call__``."""
-        if self.inline is not None:
-            try:
-                with self.inline.without_waiting():
-                    return fn(*args, **kwargs)
-            except CatalogBusy:
-                pass
-        return await self(fn, *args, **kwargs)
 
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call = functools.partial(fn, *args, **kwargs)

@@ -24,12 +24,7 @@ SQLITE_BUSY_TIMEOUT_MS = 60_000
 # a bound for when no background checkpoint runs, not the usual way.
 SQLITE_AUTOCHECKPOINT_PAGES = 10_000
 
-_begin_without_waiting: ContextVar[bool] = ContextVar("begin_without_waiting", default=False)
 _begin_to_read: ContextVar[bool] = ContextVar("begin_to_read", default=False)
-
-
-class CatalogBusy(Exception):
-    """Another connection holds SQLite's write lock, and this transaction would not wait."""
 
 
 def _tune_sqlite(engine: Engine) -> None:
@@ -53,30 +48,10 @@ def _tune_sqlite(engine: Engine) -> None:
         try:
             if _begin_to_read.get():
                 driver.execute("BEGIN")  # WAL: a snapshot, no lock that writers wait for
-            elif _begin_without_waiting.get():
-                _begin_or_refuse(driver)
-                _begin_without_waiting.set(False)
             else:
                 driver.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise OperationalError("BEGIN IMMEDIATE", None, exc) from exc
-
-
-def _begin_or_refuse(driver: sqlite3.Connection) -> None:
-    """BEGIN IMMEDIATE, or CatalogBusy at once if another connection is writing.
-
-    Only the BEGIN may wait: once it holds the write lock, a transaction in WAL
-    mode waits for nothing else (readers never block it, nor checkpoints).
-    """
-    driver.execute("PRAGMA busy_timeout=0")
-    try:
-        driver.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:
-        if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
-            raise CatalogBusy(str(exc)) from exc
-        raise
-    finally:
-        driver.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
 def make_engine(url: str) -> Engine:
@@ -130,20 +105,6 @@ class Database:
         with self.engine.begin() as conn:
             yield conn
         self.commits += 1
-
-    @contextmanager
-    def without_waiting(self) -> Iterator[None]:
-        """The first transaction begun inside raises ``CatalogBusy`` instead of waiting
-        for SQLite's write lock: for callers that must not block (an event loop).
-
-        Only the first: when it is refused nothing has happened yet, so the caller
-        may run the whole call again elsewhere. Later ones wait as usual.
-        """
-        token = _begin_without_waiting.set(True)
-        try:
-            yield
-        finally:
-            _begin_without_waiting.reset(token)
 
     def checkpoint(self) -> None:
         """Copy SQLite's write-ahead log into the database file, as far as readers allow.

@@ -92,7 +92,7 @@ def run_mount(
     if reclaimed:
         log.warning("reclaimed %d grant(s) left by a crashed process", reclaimed)
     holder = velocity.ledger.register_holder()
-    offload = Offload(threads_for(velocity.db.is_sqlite), catalog_timeout_s, inline=velocity.db)
+    offload = Offload(threads_for(velocity.db.is_sqlite), catalog_timeout_s)
     ops = VelocityOperations(
         velocity,
         holder,

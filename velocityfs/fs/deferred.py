@@ -122,7 +122,7 @@ class DeferredReleases:
             return
         self.unlinked.clear()
         try:
-            await self.ops.call(self.ops.v.media.remove_many, list(nodes), off_loop=True)
+            await self.ops.call(self.ops.v.media.remove_many, list(nodes))
         except BaseException:
             self.unlinked.update(nodes)
             raise

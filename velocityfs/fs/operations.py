@@ -169,38 +169,27 @@ class VelocityOperations(pyfuse3.Operations):
                 self.inodes.add_media(parent, view)
 
     # helpers -------------------------------------------------------------
-    async def sql(
-        self, fn: Callable[..., T], *args: Any, off_loop: bool = False, **kwargs: Any
-    ) -> T:
-        """``call``, after the unlinks still pending (a name they free may be the one
-        this call uses)."""
+    async def sql(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a service call off the trio thread, after the unlinks still pending (a name
+        they free may be the one this call uses); service refusals become errno."""
         await self.deferred.commit_unlinks()
-        return await self.call(fn, *args, off_loop=off_loop, **kwargs)
+        return await self.call(fn, *args, **kwargs)
 
-    async def sql_with_room(
-        self, fn: Callable[..., T], *args: Any, off_loop: bool = False, **kwargs: Any
-    ) -> T:
+    async def sql_with_room(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``sql``, once more after committing pending closes if the room did not suffice:
         their grants may be what holds it."""
         try:
-            return await self.sql(fn, *args, off_loop=off_loop, **kwargs)
+            return await self.sql(fn, *args, **kwargs)
         except pyfuse3.FUSEError as exc:
             if exc.errno != errno.ENOSPC or not self.deferred.pending:
                 raise
         await self.deferred.commit()
-        return await self.sql(fn, *args, off_loop=off_loop, **kwargs)
+        return await self.sql(fn, *args, **kwargs)
 
-    async def call(
-        self, fn: Callable[..., T], *args: Any, off_loop: bool = False, **kwargs: Any
-    ) -> T:
-        """Run a service call; service refusals become errno.
-
-        It runs on the loop when SQLite's write lock is free (``Offload.quick``),
-        unless it deletes backing files (``off_loop``): a big one can take long.
-        """
-        run = self.offload if off_loop else self.offload.quick
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a service call off the trio thread; service refusals become errno."""
         try:
-            return await run(fn, *args, **kwargs)
+            return await self.offload(fn, *args, **kwargs)
         except VelocityError as exc:
             raise fuse_error(errno_of(exc)) from exc
         except pyfuse3.FUSEError:
@@ -515,7 +504,7 @@ class VelocityOperations(pyfuse3.Operations):
                 raise fuse_error(errno.ENOSPC)
             need = end - node.charged
             try:
-                reservation = await self.offload.quick(
+                reservation = await self.offload(
                     self.v.ledger.reserve, node.media_id, self.holder_id, need, partial=partial
                 )
             except QuotaExceeded as exc:
@@ -684,11 +673,7 @@ class VelocityOperations(pyfuse3.Operations):
                     raise fuse_error(errno.EISDIR)
                 await self._settle_before_move(node)
                 await self.sql_with_room(
-                    self.v.media.rename,
-                    node.media_id,
-                    new_parent.pool_id,
-                    new_name,
-                    off_loop=target is not None,  # the replaced media's file goes too
+                    self.v.media.rename, node.media_id, new_parent.pool_id, new_name
                 )
             else:
                 assert isinstance(node, DirNode) and node.pool_id is not None
