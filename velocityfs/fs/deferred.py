@@ -27,6 +27,7 @@ media is still there with its bytes (as an unsynced unlink on any disk).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -43,6 +44,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BATCH_S = 0.05
+# Media per transaction at most: a backlog (a long catalog outage during an rm -rf)
+# must stay within what one statement may bind (psycopg: 65,535 parameters; SQLite
+# as built upstream: 32,766).
+BATCH_MAX = 2000
 
 
 class DeferredReleases:
@@ -117,27 +122,27 @@ class DeferredReleases:
                 await self._commit_unlinks()
 
     async def _commit_unlinks(self) -> None:
-        nodes = dict(self.unlinked)
-        if not nodes:
-            return
-        self.unlinked.clear()
-        try:
-            await self.ops.call(self.ops.v.media.remove_many, list(nodes))
-        except BaseException:
-            self.unlinked.update(nodes)
-            raise
-        now = time.time_ns()
-        for media_id in nodes:
-            self.ops.touched[media_id] = now
+        while self.unlinked:
+            ids = list(itertools.islice(self.unlinked, BATCH_MAX))
+            nodes = {media_id: self.unlinked.pop(media_id) for media_id in ids}
+            try:
+                await self.ops.call(self.ops.v.media.remove_many, ids)
+            except BaseException:
+                self.unlinked.update(nodes)
+                raise
+            now = time.time_ns()
+            for media_id in ids:
+                self.ops.touched[media_id] = now
 
     async def _commit_closes(self) -> None:
-        nodes = list(self.closed.values())
-        self.closed.clear()
-        self._committing = {n.media_id for n in nodes}
-        try:
-            await self._settle(nodes)
-        finally:
-            self._committing = set()
+        while self.closed:
+            ids = list(itertools.islice(self.closed, BATCH_MAX))
+            nodes = [self.closed.pop(media_id) for media_id in ids]
+            self._committing = set(ids)
+            try:
+                await self._settle(nodes)
+            finally:
+                self._committing = set()
 
     async def _settle(self, nodes: list[MediaNode]) -> None:
         async with contextlib.AsyncExitStack() as locks:
