@@ -44,14 +44,12 @@ def _tune_sqlite(engine: Engine) -> None:
     def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
         # Straight to the driver: through exec_driver_sql this one statement cost
         # 40 us of every transaction, as much as the rest of the statements' SQL.
-        driver = connection.connection.driver_connection
+        # A plain BEGIN for reads: in WAL mode a snapshot, no lock that writers wait for.
+        statement = "BEGIN" if _begin_to_read.get() else "BEGIN IMMEDIATE"
         try:
-            if _begin_to_read.get():
-                driver.execute("BEGIN")  # WAL: a snapshot, no lock that writers wait for
-            else:
-                driver.execute("BEGIN IMMEDIATE")
+            connection.connection.driver_connection.execute(statement)
         except sqlite3.Error as exc:
-            raise OperationalError("BEGIN IMMEDIATE", None, exc) from exc
+            raise OperationalError(statement, None, exc) from exc
 
 
 def make_engine(url: str) -> Engine:
