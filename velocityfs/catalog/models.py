@@ -82,11 +82,10 @@ class Media(Base):
     """A disk image or ISO in a pool; its bytes live in a backing file named by id."""
 
     __tablename__ = "media"
+    # The unique (pool_id, name) index also serves lookups by pool_id alone.
     __table_args__ = (UniqueConstraint("pool_id", "name", name="uq_media_pool_name"),)
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    pool_id: Mapped[str] = mapped_column(
-        String(36), ForeignKey("pools.id", ondelete="CASCADE"), index=True
-    )
+    pool_id: Mapped[str] = mapped_column(String(36), ForeignKey("pools.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(255))
     size: Mapped[int] = mapped_column(BigInteger, default=0)
     volume: Mapped[str] = mapped_column(
@@ -143,11 +142,12 @@ class Grant(Base):
 
     __tablename__ = "grants"
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    pool_id: Mapped[str] = mapped_column(
-        String(36), ForeignKey("pools.id", ondelete="CASCADE"), index=True
-    )
+    # Only media_id is indexed: grants live while a file is open, so the rare lookups
+    # by pool (fsck) or holder (reclaim) scan a small table, and every index is one
+    # more page written by each create and close (migration 0003).
+    pool_id: Mapped[str] = mapped_column(String(36), ForeignKey("pools.id", ondelete="CASCADE"))
     media_id: Mapped[str | None] = mapped_column(String(36), index=True)
-    holder_id: Mapped[str] = mapped_column(String(36), index=True)
+    holder_id: Mapped[str] = mapped_column(String(36))
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_ns: Mapped[int] = mapped_column(BigInteger)
 
