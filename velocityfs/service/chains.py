@@ -16,15 +16,12 @@ remove, and the ORM's unit of work cost ten times the SQL itself there.
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     BindParameter,
     Connection,
-    Select,
     String,
-    Update,
     bindparam,
     case,
     select,
@@ -32,6 +29,7 @@ from sqlalchemy import (
 )
 
 from velocityfs.catalog.models import Pool
+from velocityfs.catalog.prepared import Prepared
 from velocityfs.errors import NotFound, QuotaExceeded
 
 POOLS = Pool.__table__
@@ -48,7 +46,7 @@ class Link:
     used_bytes: int
 
 
-_PARENT = select(POOLS.c.parent_id).where(POOLS.c.id == bindparam("pid"))
+_PARENT = Prepared(select(POOLS.c.parent_id).where(POOLS.c.id == bindparam("pid")))
 _LINK_COLUMNS = (
     POOLS.c.id,
     POOLS.c.parent_id,
@@ -56,7 +54,7 @@ _LINK_COLUMNS = (
     POOLS.c.quota_bytes,
     POOLS.c.used_bytes,
 )
-_LOCK = select(*_LINK_COLUMNS).where(POOLS.c.id == bindparam("pid")).with_for_update()
+_LOCK = Prepared(select(*_LINK_COLUMNS).where(POOLS.c.id == bindparam("pid")).with_for_update())
 _TOUCHED = bindparam("touched", type_=String)
 _NOW = bindparam("now", type_=BigInteger)
 
@@ -74,16 +72,16 @@ def _id_params(pool_ids: Sequence[str]) -> dict[str, str]:
 
 
 @functools.cache
-def _read(count: int) -> Select[Any]:
+def _read(count: int) -> Prepared:
     """``count`` pools in one read, for SQLite (BEGIN IMMEDIATE already holds every lock)."""
-    return select(*_LINK_COLUMNS).where(POOLS.c.id.in_(_ids(count)))
+    return Prepared(select(*_LINK_COLUMNS).where(POOLS.c.id.in_(_ids(count))))
 
 
 @functools.cache
-def _charge(count: int) -> Update:
+def _charge(count: int) -> Prepared:
     """Charge ``count`` pools in one statement and, optionally, touch one pool's times
     (a directory's mtime and ctime change with its entries)."""
-    return (
+    return Prepared(
         update(POOLS)
         .where(POOLS.c.id.in_(_ids(count)))
         .values(
@@ -94,7 +92,7 @@ def _charge(count: int) -> Update:
     )
 
 
-_TOUCH = (
+_TOUCH = Prepared(
     update(POOLS)
     .where(POOLS.c.id == bindparam("pid"))
     .values(mtime_ns=bindparam("now"), ctime_ns=bindparam("now"))
@@ -114,7 +112,7 @@ def chain_ids(conn: Connection, pool_id: str) -> list[str]:
     ids: list[str] = []
     current: str | None = pool_id
     while current is not None:
-        parent = conn.execute(_PARENT, {"pid": current}).first()
+        parent = _PARENT.execute(conn, {"pid": current}).fetchone()
         if parent is None:
             raise NotFound(f"no pool {current}")
         ids.append(current)
@@ -169,10 +167,12 @@ def serialised(conn: Connection) -> bool:
 
 def _read_links(conn: Connection, pool_ids: list[str]) -> dict[str, Link]:
     """The pools' rows, locked in the order given (one read where nothing needs locking)."""
+    if not pool_ids:
+        return {}
     if serialised(conn):
-        rows = {r.id: r for r in conn.execute(_read(len(pool_ids)), _id_params(pool_ids))}
+        rows = {r[0]: r for r in _read(len(pool_ids)).execute(conn, _id_params(pool_ids))}
     else:
-        rows = {pid: conn.execute(_LOCK, {"pid": pid}).first() for pid in pool_ids}
+        rows = {pid: _LOCK.execute(conn, {"pid": pid}).fetchone() for pid in pool_ids}
     links: dict[str, Link] = {}
     for pid in pool_ids:
         row = rows.get(pid)
@@ -216,8 +216,8 @@ def adjust(
         return
     touched = chain[-1].id if touch_ns is not None else None
     params = _id_params([p.id for p in chain])
-    conn.execute(
-        _charge(len(chain)), {**params, "delta": delta, "touched": touched, "now": touch_ns}
+    _charge(len(chain)).execute(
+        conn, {**params, "delta": delta, "touched": touched, "now": touch_ns}
     )
     for pool in chain:
         pool.used_bytes += delta
@@ -225,4 +225,4 @@ def adjust(
 
 def touch(conn: Connection, pool_id: str, now_ns: int) -> None:
     """A pool's entries changed: its mtime and ctime move, as a directory's do."""
-    conn.execute(_TOUCH, {"pid": pool_id, "now": now_ns})
+    _TOUCH.execute(conn, {"pid": pool_id, "now": now_ns})

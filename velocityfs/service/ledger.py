@@ -28,6 +28,7 @@ from sqlalchemy import (
 )
 
 from velocityfs.catalog.models import Grant, Holder, Media, new_id
+from velocityfs.catalog.prepared import Prepared
 from velocityfs.errors import NotFound, QuotaExceeded
 from velocityfs.service.chains import Link, charge, lock_chains, room, serialised
 
@@ -86,7 +87,7 @@ _DROP_GRANTS = delete(GRANTS).where(GRANTS.c.id.in_(bindparam("gids", expanding=
 _GRANT_BY_ID = select(GRANTS.c.pool_id, GRANTS.c.media_id, GRANTS.c.bytes).where(
     GRANTS.c.id == bindparam("gid")
 )
-_INSERT_GRANT = insert(GRANTS)
+_INSERT_GRANT = Prepared(insert(GRANTS))
 
 
 def grant_row(pool_id: str, media_id: str | None, holder_id: str, nbytes: int = 0) -> dict:
@@ -106,7 +107,7 @@ def add_grant(
 ) -> str:
     """Insert a grant (its bytes already charged to the chain); returns its id."""
     row = grant_row(pool_id, media_id, holder_id, nbytes)
-    conn.execute(_INSERT_GRANT, row)
+    _INSERT_GRANT.execute(conn, row)
     return row["id"]
 
 

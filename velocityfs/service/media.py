@@ -10,6 +10,7 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, select, upda
 
 from velocityfs.catalog.database import Database
 from velocityfs.catalog.models import DEFAULT_VOLUME, Media, Pool, XAttr, new_id
+from velocityfs.catalog.prepared import Prepared
 from velocityfs.errors import Conflict, InvalidValue, NotFound
 from velocityfs.service.chains import Link, charge, lock_chains, room, serialised, touch
 from velocityfs.service.ledger import (
@@ -28,7 +29,7 @@ from velocityfs.service.views import Creator, MediaView, attr_changes
 from velocityfs.store.backing import BackingStore
 
 XATTRS = XAttr.__table__
-_INSERT_MEDIA = insert(MEDIA)
+_INSERT_MEDIA = Prepared(insert(MEDIA))
 _BY_NAME = select(MEDIA.c.id, MEDIA.c.pool_id, MEDIA.c.size, MEDIA.c.volume).where(
     MEDIA.c.pool_id == bindparam("pid"), MEDIA.c.name == bindparam("name")
 )
@@ -174,7 +175,7 @@ class MediaService:
                 available = room(chain) - size
                 first = grant_size(0, max(0, available), grant_chunk) if holder_id else 0
                 charge(conn, chain, size + first, touch_ns=row["ctime_ns"])
-                conn.execute(_INSERT_MEDIA, row)
+                _INSERT_MEDIA.execute(conn, row)
                 if holder_id is not None:
                     add_grant(conn, pool_id, row["id"], holder_id, first)
                 self.backing.create(volume, row["id"], size)
@@ -210,7 +211,7 @@ class MediaService:
             held = conn.execute(select(GRANTS.c.bytes).where(GRANTS.c.id == grant_id)).scalar()
             charge(conn, chain, size - (held or 0), touch_ns=row["ctime_ns"])
             conn.execute(delete(GRANTS).where(GRANTS.c.id == grant_id))
-            conn.execute(_INSERT_MEDIA, row)
+            _INSERT_MEDIA.execute(conn, row)
             final = self.backing.path(volume, media_id)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(upload_path, final)

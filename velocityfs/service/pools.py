@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from velocityfs.catalog.database import Database
 from velocityfs.catalog.models import Grant, Media, Pool, Share, XAttr
+from velocityfs.catalog.prepared import Prepared
 from velocityfs.errors import (
     Conflict,
     InvalidValue,
@@ -40,15 +41,19 @@ def pool_view(pool: Pool) -> PoolView:
     )
 
 
-_NAME_TAKEN = union_all(
-    select(Pool.id).where(Pool.parent_id == bindparam("pid"), Pool.name == bindparam("name")),
-    select(Media.id).where(Media.pool_id == bindparam("pid"), Media.name == bindparam("name")),
+_NAME_TAKEN = Prepared(
+    union_all(
+        select(Pool.id).where(Pool.parent_id == bindparam("pid"), Pool.name == bindparam("name")),
+        select(Media.id).where(Media.pool_id == bindparam("pid"), Media.name == bindparam("name")),
+    )
 )
 
 
 def name_taken(conn: Connection | Session, pool_id: str, name: str) -> bool:
     """Pools and media share one namespace inside a pool, as in a directory."""
-    return conn.execute(_NAME_TAKEN, {"pid": pool_id, "name": name}).first() is not None
+    if isinstance(conn, Session):
+        conn = conn.connection()
+    return _NAME_TAKEN.execute(conn, {"pid": pool_id, "name": name}).fetchone() is not None
 
 
 def check_quota_fits(chain: list[Link], quota: int | None) -> None:
