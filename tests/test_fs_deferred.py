@@ -196,3 +196,27 @@ def test_a_backlog_beyond_one_statement_still_commits(catalog):
     trio.run(rm_rf)
     assert v.pools.media_count(pool) == 0
     assert catalog.used("tenants") == 0
+
+
+def test_a_mount_catches_up_on_more_changes_than_one_statement_may_bind(catalog):
+    """A mount reads other hosts' changes since its last successful look. After an
+    outage that can be more media than one statement may bind: the change feed must
+    read them all, with their attributes, rather than fail on every retry and leave
+    the mount behind for good."""
+    catalog.setup({"tenants": 64})
+    pool = catalog.pool("tenants")["pid"]
+    v = catalog.v
+    last_look = time.time_ns()
+    rows = [
+        {"id": new_id(), "pool_id": pool, "name": f"m{i:05d}", "size": 0, "volume": "DEFAULT"}
+        | {"mode": 0o644, "uid": 0, "gid": 0}
+        | {"atime_ns": last_look, "mtime_ns": last_look, "ctime_ns": last_look}
+        for i in range(70_000)
+    ]
+    with v.db.statements() as conn:
+        conn.execute(insert(Media.__table__), rows)
+    tagged = rows[-1]["id"]
+    v.xattrs.set(tagged, "user.origin", b"host-b")
+    changes = v.changes.since(last_look)
+    assert len(changes.media) == 70_000
+    assert {m.id: m.xattrs for m in changes.media}[tagged] == {"user.origin": b"host-b"}

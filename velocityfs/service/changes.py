@@ -57,11 +57,16 @@ class ChangeFeed:
             ]
             xattrs: dict[str, dict[str, bytes]] = {}
             if media:
-                ids = [m.id for m in media]
+                # A join, not an IN list of the media read: after an outage those can
+                # be more than one statement may bind (65,535 on PostgreSQL).
+                wanted = {m.id for m in media}
                 for owner, name, value in s.execute(
-                    select(XAttr.owner_id, XAttr.name, XAttr.value).where(XAttr.owner_id.in_(ids))
+                    select(XAttr.owner_id, XAttr.name, XAttr.value)
+                    .join(table, table.c.id == XAttr.owner_id)
+                    .where(table.c.changed_ns >= since_ns)
                 ):
-                    xattrs.setdefault(owner, {})[name] = value
+                    if owner in wanted:
+                        xattrs.setdefault(owner, {})[name] = value
             removals = s.execute(
                 select(Removal.kind, Removal.object_id).where(Removal.removed_ns >= since_ns)
             ).all()
