@@ -284,7 +284,11 @@ class PoolService:
             media_ids = [m[0] for m in media_rows]
             record_removals(conn, "media", media_ids)
             record_removals(conn, "pool", ids)
-            s.execute(delete(XAttr).where(XAttr.owner_id.in_(ids + media_ids)))
+            # The media's by subquery: a big pool has more media than one statement
+            # may bind as parameters (65,535 on PostgreSQL).
+            subtree_media = select(Media.id).where(Media.pool_id.in_(ids)).scalar_subquery()
+            s.execute(delete(XAttr).where(XAttr.owner_id.in_(subtree_media)))
+            s.execute(delete(XAttr).where(XAttr.owner_id.in_(ids)))
             s.execute(delete(Grant).where(Grant.pool_id.in_(ids)))
             s.execute(delete(Share).where(Share.pool_id.in_(ids)))
             s.execute(delete(Media).where(Media.pool_id.in_(ids)))
