@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from sqlalchemy import insert
+from support.bulk import BEYOND_ONE_STATEMENT, insert_media
 from support.fs import MIB, Catalog, sync_dir, used
 
-from velocityfs.catalog.models import Media, new_id
 from velocityfs.fs.operations import VelocityOperations
 from velocityfs.threads import Offload
 
@@ -176,14 +175,7 @@ def test_a_backlog_beyond_one_statement_still_commits(catalog):
     catalog.setup({"tenants": 64})
     pool = catalog.pool("tenants")["pid"]
     v = catalog.v
-    now = time.time_ns()
-    rows = [
-        {"id": new_id(), "pool_id": pool, "name": f"m{i:05d}", "size": 0, "volume": "DEFAULT"}
-        | {"mode": 0o644, "uid": 0, "gid": 0, "atime_ns": now, "mtime_ns": now, "ctime_ns": now}
-        for i in range(70_000)
-    ]
-    with v.db.statements() as conn:
-        conn.execute(insert(Media.__table__), rows)
+    insert_media(v, pool)
     ops = VelocityOperations(v, v.ledger.register_holder(), offload=Offload(1))
     ops.load()
 
@@ -207,16 +199,9 @@ def test_a_mount_catches_up_on_more_changes_than_one_statement_may_bind(catalog)
     pool = catalog.pool("tenants")["pid"]
     v = catalog.v
     last_look = time.time_ns()
-    rows = [
-        {"id": new_id(), "pool_id": pool, "name": f"m{i:05d}", "size": 0, "volume": "DEFAULT"}
-        | {"mode": 0o644, "uid": 0, "gid": 0}
-        | {"atime_ns": last_look, "mtime_ns": last_look, "ctime_ns": last_look}
-        for i in range(70_000)
-    ]
-    with v.db.statements() as conn:
-        conn.execute(insert(Media.__table__), rows)
-    tagged = rows[-1]["id"]
+    ids = insert_media(v, pool)
+    tagged = ids[-1]
     v.xattrs.set(tagged, "user.origin", b"host-b")
     changes = v.changes.since(last_look)
-    assert len(changes.media) == 70_000
+    assert len(changes.media) == BEYOND_ONE_STATEMENT
     assert {m.id: m.xattrs for m in changes.media}[tagged] == {"user.origin": b"host-b"}

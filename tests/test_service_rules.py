@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, insert, select
+from sqlalchemy import event, select
+from support.bulk import insert_media
 from support.usage import assert_usage_consistent, grant_count
 
-from velocityfs.catalog.models import AuthKey, Grant, Holder, Media, User, new_id
+from velocityfs.catalog.models import AuthKey, Grant, Holder, Media, User
 from velocityfs.errors import (
     AuthenticationFailed,
     Conflict,
@@ -653,20 +654,14 @@ def test_a_pool_with_more_media_than_one_statement_may_bind_is_removed(v: Veloci
     parameters in one statement, SQLite as built upstream 32,766)."""
     root = v.pools.create(None, "root", 1 << 30)
     images = v.pools.create(root.id, "images", None)
-    now = time.time_ns()
-    rows = [
-        {"id": new_id(), "pool_id": images.id, "name": f"m{i:05d}", "size": 1, "volume": "DEFAULT"}
-        | {"mode": 0o644, "uid": 0, "gid": 0, "atime_ns": now, "mtime_ns": now, "ctime_ns": now}
-        for i in range(70_000)
-    ]
+    ids = insert_media(v, images.id, size=1)
     with v.db.statements() as conn:
-        conn.execute(insert(Media.__table__), rows)
-        charge(conn, lock_chains(conn, images.id)[0], len(rows))
-    v.xattrs.set(rows[0]["id"], "user.note", b"hi")
+        charge(conn, lock_chains(conn, images.id)[0], len(ids))
+    v.xattrs.set(ids[0], "user.note", b"hi")
     v.pools.remove(images.id, recursive=True)
     assert [p.id for p in v.pools.all()] == [root.id]
     assert v.media.all() == []
-    assert v.xattrs.of(rows[0]["id"]) == {}
+    assert v.xattrs.of(ids[0]) == {}
     assert used(v, root.id) == 0
     assert_usage_consistent(v)
 

@@ -49,10 +49,8 @@ _NAME_TAKEN = Prepared(
 )
 
 
-def name_taken(conn: Connection | Session, pool_id: str, name: str) -> bool:
+def name_taken(conn: Connection, pool_id: str, name: str) -> bool:
     """Pools and media share one namespace inside a pool, as in a directory."""
-    if isinstance(conn, Session):
-        conn = conn.connection()
     return _NAME_TAKEN.execute(conn, {"pid": pool_id, "name": name}).fetchone() is not None
 
 
@@ -298,7 +296,7 @@ class PoolService:
 
     def name_taken(self, pool_id: str, name: str) -> bool:
         with self.db.transaction() as s:
-            return name_taken(s, pool_id, name)
+            return name_taken(s.connection(), pool_id, name)
 
     def capacity(self) -> tuple[int, int]:
         """Total quota and usage of the root pools: what ``df`` on the mount shows."""
