@@ -408,11 +408,18 @@ def build_world(
 # -- the store on disk ----------------------------------------------------------------
 
 
+# A mount's own bookkeeping, which changes as it works: its spare files, made ahead
+# of creates, and its create journal.
+MOUNT_BOOKKEEPING = {".spare", ".journal"}
+
+
 def store_files(store: str | os.PathLike[str]) -> set[str]:
-    """Every file below store/media (uploads in flight included), relative to store."""
+    """Every file below store/media (uploads in flight included), relative to store;
+    not a mount's spare files and journal."""
     top = Path(store)
     found = set()
-    for dirpath, _dirs, files in os.walk(top / "media"):
+    for dirpath, dirs, files in os.walk(top / "media"):
+        dirs[:] = [d for d in dirs if d not in MOUNT_BOOKKEEPING]
         for name in files:
             found.add(str((Path(dirpath) / name).relative_to(top)))
     return found

@@ -1,4 +1,4 @@
-"""Catalog changes that only give room back, committed in batches.
+"""Catalog changes committed in batches: closes, unlinks and (on SQLite) creates.
 
 Closing a file (recording its size, returning the rest of its grant, dropping
 its lease) and unlinking one only ever lower usage, so no quota depends on
@@ -22,6 +22,12 @@ Until the batch commits, other processes see the old size (and the grant
 still charged) or the unlinked media, for at most ``BATCH_S``. After a crash
 in between, reclaim records the size from the backing file, and an unlinked
 media is still there with its bytes (as an unsynced unlink on any disk).
+
+Creates are different: they are committed by the service's batch transaction
+(``MediaService.batch_creates``), whose statements ran under the lock before
+the create was answered. This only sees that the batch commits ``BATCH_S``
+after its first create at the latest; any other catalog call commits it
+sooner. Other processes see a new file once its batch commits.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class DeferredReleases:
         self._committing: set[str] = set()  # closes in the batch being committed
         self._wanted = trio.Event()
         self._lock = trio.Lock()
+        self._unlinking = False  # a batch of unlinks is being committed
 
     def close(self, node: MediaNode) -> None:
         """The last writer closed ``node``: settle it and drop its lease with the batch.
@@ -68,6 +75,10 @@ class DeferredReleases:
         """
         self.ops.touched[node.media_id] = IN_FLIGHT
         self.closed[node.media_id] = node
+        self._wanted.set()
+
+    def created(self) -> None:
+        """A create may be waiting in the service's batch: commit it with the next batch."""
         self._wanted.set()
 
     def unlink(self, node: MediaNode) -> None:
@@ -95,10 +106,13 @@ class DeferredReleases:
                 await trio.sleep(1.0)
 
     async def commit(self) -> None:
-        """Commit everything pending now: unlinks first, then closes."""
+        """Commit everything pending now: unlinks first, then closes, then creates (if
+        neither of the others took them along)."""
         async with self._lock:
             await self._commit_unlinks()
             await self._commit_closes()
+            if self.ops.v.media.batch_pending:
+                await self.ops.call(self.ops.v.media.commit_batch)
 
     async def settle_first(self, node: MediaNode) -> None:
         """Commit ``node``'s pending close (or wait for the batch carrying it) before it
@@ -116,8 +130,9 @@ class DeferredReleases:
         await self.settle_first(node)
 
     async def commit_unlinks(self) -> None:
-        """Commit pending unlinks now, and wait for a batch already on its way."""
-        if self.unlinked or self._lock.locked():
+        """Commit pending unlinks now, and wait for a batch of unlinks already on its
+        way (not for one of closes: those free no name)."""
+        if self.unlinked or self._unlinking:
             async with self._lock:
                 await self._commit_unlinks()
 
@@ -125,11 +140,14 @@ class DeferredReleases:
         while self.unlinked:
             ids = list(itertools.islice(self.unlinked, BATCH_MAX))
             nodes = {media_id: self.unlinked.pop(media_id) for media_id in ids}
+            self._unlinking = True
             try:
                 await self.ops.call(self.ops.v.media.remove_many, ids)
             except BaseException:
                 self.unlinked.update(nodes)
                 raise
+            finally:
+                self._unlinking = False
             now = time.time_ns()
             for media_id in ids:
                 self.ops.touched[media_id] = now
@@ -160,7 +178,8 @@ class DeferredReleases:
                 node.charged = node.size
             try:
                 with self.ops.changing(*(n.media_id for n in closed)):
-                    await self.ops.call(
+                    # In the create batch, when one is open: on the loop, no commit.
+                    await self.ops.call_batched(
                         self.ops.v.ledger.settle_many,
                         self.ops.holder_id,
                         [Settlement(n.media_id, n.size, mtime_ns=n.mtime_ns) for n in closed],

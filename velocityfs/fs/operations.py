@@ -76,6 +76,23 @@ class Handle:
     writable: bool
 
 
+@contextlib.contextmanager
+def _as_errno(fn: Callable[..., Any]) -> Iterator[None]:
+    """Service refusals become their errno, a catalog away or failing EIO (logged)."""
+    try:
+        yield
+    except VelocityError as exc:
+        raise fuse_error(errno_of(exc)) from exc
+    except pyfuse3.FUSEError:
+        raise
+    except CatalogUnavailable as exc:
+        log.warning("%s: %s", getattr(fn, "__name__", fn), exc)
+        raise fuse_error(errno.EIO) from exc
+    except Exception as exc:
+        log.exception("catalog call %s failed", getattr(fn, "__name__", fn))
+        raise fuse_error(errno.EIO) from exc
+
+
 def _object_id(node: Node | None) -> str | None:
     """The catalog id of a media or pool node."""
     if isinstance(node, MediaNode):
@@ -188,18 +205,14 @@ class VelocityOperations(pyfuse3.Operations):
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a service call off the trio thread; service refusals become errno."""
-        try:
+        with _as_errno(fn):
             return await self.offload(fn, *args, **kwargs)
-        except VelocityError as exc:
-            raise fuse_error(errno_of(exc)) from exc
-        except pyfuse3.FUSEError:
-            raise
-        except CatalogUnavailable as exc:
-            log.warning("%s: %s", getattr(fn, "__name__", fn), exc)
-            raise fuse_error(errno.EIO) from exc
-        except Exception as exc:
-            log.exception("catalog call %s failed", getattr(fn, "__name__", fn))
-            raise fuse_error(errno.EIO) from exc
+
+    async def call_batched(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``call`` for a unit of work of the service's batch: right here on the loop
+        while the batch is open (see ``Offload.in_batch``), else off the trio thread."""
+        with _as_errno(fn):
+            return await self.offload.in_batch(self.v.media.open_batch, fn, *args, **kwargs)
 
     def node(self, ino: int) -> Node:
         try:
@@ -394,7 +407,8 @@ class VelocityOperations(pyfuse3.Operations):
         text = os.fsdecode(name)
         if text in parent.children:
             raise fuse_error(errno.EEXIST)
-        view, granted = await self.sql(
+        await self.deferred.commit_unlinks()
+        view, granted = await self.call_batched(
             self.v.media.create_open,
             parent.pool_id,
             text,
@@ -405,6 +419,7 @@ class VelocityOperations(pyfuse3.Operations):
             holder_id=self.holder_id,
             grant_chunk=FIRST_GRANT,
         )
+        self.deferred.created()
         node = self.inodes.add_media(parent, view)
         node.charged += granted
         node.held = True

@@ -28,6 +28,7 @@ from sqlalchemy import (
     update,
 )
 
+from velocityfs.catalog.database import BATCH_MEMO
 from velocityfs.catalog.models import Pool
 from velocityfs.catalog.prepared import Prepared
 from velocityfs.errors import NotFound, QuotaExceeded
@@ -142,10 +143,15 @@ def lock_chains(conn: Connection, *pool_ids: str) -> list[list[Link]]:
     one ``Link``, so charges to overlapping chains add up. The chains come from
     what this process remembers of the tree when it can, and every locked row
     is checked against them: a pool moved meanwhile means looking the chain up
-    again, so a stale memory costs a retry, never a wrong charge.
+    again, so a stale memory costs a retry, never a wrong charge. In a batch
+    (``Database.batched``) the links read are remembered until it commits:
+    nothing but its own units, which keep them current, can change them.
     """
+    memo = conn.info.get(BATCH_MEMO)
     while True:
         chains = [_remembered_chain(pid) or chain_ids(conn, pid) for pid in pool_ids]
+        if memo is not None and all(pid in memo for chain in chains for pid in chain):
+            return [[memo[pid] for pid in chain] for chain in chains]
         order = sorted({(depth, pid) for chain in chains for depth, pid in enumerate(chain)})
         links = _read_links(conn, [pid for _depth, pid in order])
         current = all(
@@ -154,6 +160,9 @@ def lock_chains(conn: Connection, *pool_ids: str) -> list[list[Link]]:
             for i, pid in enumerate(chain)
         )
         if current:
+            if memo is not None:
+                memo.update(links)
+                links = memo
             return [[links[pid] for pid in chain] for chain in chains]
         for pid, link in links.items():
             _parents[pid] = link.parent_id

@@ -2,7 +2,8 @@
 
 Checks: stale grants of dead processes; media whose bytes are missing; sizes
 that disagree with the disk; orphan files (no catalog row), including the
-leftovers of interrupted uploads and moves; DEFAULT paths that do not lead
+leftovers of interrupted uploads and moves and the spare files and unreplayed
+create journals of processes that are gone; DEFAULT paths that do not lead
 to the media's volume (dangling or wrong compatibility symlinks, and moves
 interrupted between copy and commit); usage totals per pool.
 
@@ -27,6 +28,8 @@ from velocityfs.service.chains import adjust, lock_chains
 from velocityfs.service.pools import subtree_ids
 from velocityfs.service.removals import record_removals
 from velocityfs.service.velocity import Velocity
+from velocityfs.store.journal import journals, read_journal
+from velocityfs.store.spares import spare_dirs
 
 MEDIA_NAME = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -72,7 +75,7 @@ class Fsck:
                 yield from self._check_media(media)
             if progress is not None:
                 progress(1)
-        yield from self._orphans(known, unmounted)
+        yield from self._orphans(known | self._journaled(), unmounted)
         yield from self._usage()
 
     # grants ----------------------------------------------------------------
@@ -226,6 +229,28 @@ class Fsck:
                     f"{uploads}: unfinished uploads of a process that is gone",
                     lambda h=uploads.name: self.backing.discard_uploads(h),
                 )
+        for spares in spare_dirs(self.backing.top):
+            if spares.name in dead or not self._holder_exists(spares.name):
+                yield Problem(
+                    "orphan-spares",
+                    f"{spares}: spare files of a process that is gone",
+                    lambda h=spares.name: self.backing.discard_spares(h),
+                )
+        for holder_id in journals(self.backing.top):
+            if holder_id in dead or not self._holder_exists(holder_id):
+                yield Problem(
+                    "unreplayed-journal",
+                    f"creates journaled by process {holder_id}, which is gone, not replayed",
+                    lambda: self.v.reclaim_dead_holders(),
+                )
+
+    def _journaled(self) -> set[str]:
+        """Media a live mount created but has not committed yet: files, not orphans."""
+        return {
+            record["id"]
+            for holder_id in journals(self.backing.top)
+            for record in read_journal(self.backing.top, holder_id)
+        }
 
     @staticmethod
     def _other_copy(home: Path, path: Path) -> bool:

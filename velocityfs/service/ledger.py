@@ -229,10 +229,12 @@ class Ledger:
         """Settle many media of one holder in one transaction (a mount's closes, batched).
 
         All their pool chains are locked together, in the global root-first
-        order. Returns the ids of media that no longer exist (skipped).
+        order. Returns the ids of media that no longer exist (skipped). A
+        process that batches its creates settles in the batch too (they only
+        give room back): one commit for both.
         """
         ids = [st.media_id for st in settlements]
-        with self.db.statements() as conn:
+        with self.db.unit() as conn:
             media, chains = lock_media_rows(conn, ids)
             grants = {
                 g.media_id: g
@@ -361,6 +363,11 @@ class Ledger:
                 return False
             holder.heartbeat_ns = time.time_ns()
             return True
+
+    def holder_ids(self) -> list[str]:
+        """Every registered holder, alive or not."""
+        with self.db.transaction() as s:
+            return list(s.execute(select(Holder.id)).scalars())
 
     def dead_holders(self) -> list[str]:
         """Holders whose grants are stale: a gone process on this host, or a lease

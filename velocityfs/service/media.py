@@ -27,9 +27,14 @@ from velocityfs.service.pools import name_taken
 from velocityfs.service.removals import record_removals
 from velocityfs.service.views import Creator, MediaView, attr_changes
 from velocityfs.store.backing import BackingStore
+from velocityfs.store.journal import CreateJournal, discard_journal, read_journal
+from velocityfs.store.spares import SpareFiles
 
 XATTRS = XAttr.__table__
 _INSERT_MEDIA = Prepared(insert(MEDIA))
+_EXISTS = select(MEDIA.c.id).where(MEDIA.c.id == bindparam("mid"))
+# A journaled create's columns (``changed_ns`` is set anew when it is recovered).
+_ROW_KEYS = ("id", "pool_id", "volume", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns")
 _BY_NAME = select(MEDIA.c.id, MEDIA.c.pool_id, MEDIA.c.size, MEDIA.c.volume).where(
     MEDIA.c.pool_id == bindparam("pid"), MEDIA.c.name == bindparam("name")
 )
@@ -101,6 +106,54 @@ class MediaService:
         self.db = database
         self.backing = backing
         self._placement = placement or (lambda _pool_id, _name, _creator: DEFAULT_VOLUME)
+        self._journal: CreateJournal | None = None
+        self._spares: SpareFiles | None = None
+
+    # a writer process's creates ------------------------------------------------
+    def start_creates(self, holder_id: str) -> None:
+        """Make this process's creates cheap: spare files and (on SQLite) batches.
+
+        A create takes an empty file made ahead of time (``store.spares``)
+        instead of making one. On SQLite it also answers once its statements
+        have run in the batch transaction (``Database.batched``: SQLite's write
+        lock held, so the name check and the charge are exact) and its line is
+        in the journal (``store.journal``); the batch commits with
+        ``commit_batch`` or before any other unit of work, and the journal of a
+        process that dies first is replayed (``recover_journal``). Measured on
+        a mount: a BEGIN and a COMMIT less per file, and the pages many creates
+        share written to the log once. PostgreSQL catalogs keep a transaction
+        per create, since an open batch would hold row locks against other hosts.
+        """
+        if self._spares is None:
+            self._spares = SpareFiles(self.backing, holder_id)
+        if self.db.is_sqlite and self._journal is None:
+            self._journal = CreateJournal(self.backing.top, holder_id)
+            self.db.on_batch_commit(self._journal.clear)
+            self.db.batching = True
+
+    def commit_batch(self) -> None:
+        """Commit the creates waiting in the batch (a no-op when none are)."""
+        self.db.commit_batch()
+
+    @property
+    def batch_pending(self) -> bool:
+        return self.db.batch_open
+
+    def open_batch(self) -> bool:
+        """Have a batch open for the next create, without waiting for SQLite's lock;
+        False when it is another process's now, or this process does not batch."""
+        return self._journal is not None and self.db.open_batch()
+
+    def end_creates(self) -> None:
+        """Commit the last batch, delete the journal and the spare files (a clean stop)."""
+        if self._spares is not None:
+            self._spares.close()
+            self._spares = None
+        if self._journal is not None:
+            self.db.commit_batch()
+            self.db.batching = False
+            self._journal.remove()
+            self._journal = None
 
     def view(self, media: Any, xattrs: dict[str, bytes] | None = None) -> MediaView:
         """A snapshot of a media row (an ORM object or a Core row with the same columns)."""
@@ -165,10 +218,12 @@ class MediaService:
         if size < 0:
             raise InvalidValue("size must not be negative")
         volume = self._placement(pool_id, name, creator)
-        row = _new_row(new_id(), pool_id, name, size, volume, mode=mode, uid=uid, gid=gid)
-        created = False
+        spare = self._spares.take(volume) if self._spares is not None else None
+        row = _new_row(spare or new_id(), pool_id, name, size, volume, mode=mode, uid=uid, gid=gid)
+        created = spare is not None
+        journal = self._journal if holder_id is not None else None
         try:
-            with self.db.statements() as conn:
+            with self.db.batched() if journal else self.db.statements() as conn:
                 (chain,) = lock_chains(conn, pool_id)
                 if name_taken(conn, pool_id, name):
                     raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
@@ -178,13 +233,53 @@ class MediaService:
                 _INSERT_MEDIA.execute(conn, row)
                 if holder_id is not None:
                     add_grant(conn, pool_id, row["id"], holder_id, first)
-                self.backing.create(volume, row["id"], size)
-                created = True
+                if spare is not None:
+                    self.backing.adopt_spare(volume, spare, size)
+                else:
+                    self.backing.create(volume, row["id"], size)
+                    created = True
+                if journal is not None:
+                    journal.append({**row, "granted": size + first})
                 return self.view(SimpleNamespace(**row)), first
         except BaseException:
             if created:
                 self.backing.remove(volume, row["id"])
             raise
+
+    def recover_journal(self, holder_id: str) -> int:
+        """Make media again of the creates a gone process journaled but never committed.
+
+        Each comes back with its backing file's bytes, but never more than it
+        was granted nor more than its pool chain has room for now (the file is
+        cut back to that). It keeps its name, or is ``NAME.recovered-ID8`` when
+        the name was taken since. One whose pool or backing file is gone is
+        dropped. Returns how many came back; the journal is deleted.
+        """
+        recovered = 0
+        for record in read_journal(self.backing.top, holder_id):
+            media_id, volume, pool_id = record["id"], record["volume"], record["pool_id"]
+            on_disk = self.backing.size(volume, media_id)
+            with self.db.statements() as conn:
+                if on_disk is None or conn.execute(_EXISTS, {"mid": media_id}).first():
+                    continue
+                try:
+                    (chain,) = lock_chains(conn, pool_id)
+                except NotFound:
+                    self.backing.remove(volume, media_id)
+                    continue
+                name = record["name"]
+                if name_taken(conn, pool_id, name):
+                    name = f"{name}.recovered-{media_id[:8]}"
+                size = min(on_disk, record["granted"], room(chain))
+                if size < on_disk:
+                    os.truncate(self.backing.path(volume, media_id), size)
+                now = time.time_ns()
+                charge(conn, chain, size, touch_ns=now)
+                row = {key: record[key] for key in _ROW_KEYS}
+                _INSERT_MEDIA.execute(conn, {**row, "name": name, "size": size, "changed_ns": now})
+                recovered += 1
+        discard_journal(self.backing.top, holder_id)
+        return recovered
 
     def adopt_upload(
         self,

@@ -15,6 +15,8 @@ from velocityfs.service.pools import PoolService
 from velocityfs.service.views import Creator, PoolView
 from velocityfs.service.volumes import VolumeService
 from velocityfs.store.backing import BackingStore
+from velocityfs.store.journal import journals
+from velocityfs.store.spares import spare_dirs
 
 
 class NotInitialised(VelocityError):
@@ -114,10 +116,21 @@ class Velocity:
 
         Each media a dead writer held a grant on is settled to its backing
         file's size (never above what the grant allowed; a longer file is cut
-        back to the charged size).
+        back to the charged size). Creates it journaled but never committed
+        come back first (``MediaService.recover_journal``), from the journal
+        of any holder that is dead or gone from the catalog; its spare files
+        go (``store.spares``).
         """
+        dead = self.ledger.dead_holders()
+        live = set(self.ledger.holder_ids()).difference(dead)
+        for holder_id in journals(self.backing.top):
+            if holder_id not in live:
+                self.media.recover_journal(holder_id)
+        for spares in spare_dirs(self.backing.top):
+            if spares.name not in live:
+                self.backing.discard_spares(spares.name)
         reclaimed = 0
-        for holder_id in self.ledger.dead_holders():
+        for holder_id in dead:
             sizes: dict[str, int] = {}
             for _grant_id, media_id in self.ledger.stale_grants([holder_id]):
                 if media_id is None:

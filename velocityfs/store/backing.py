@@ -6,6 +6,7 @@ so renames and moves between pools never touch the disk.
 """
 
 import os
+import shutil
 from pathlib import Path
 
 from velocityfs.catalog.models import DEFAULT_VOLUME
@@ -97,6 +98,16 @@ class BackingStore:
         """
         return self.volume_dir(volume) / "media" / ".uploads" / holder_id / media_id
 
+    def adopt_spare(self, volume: str, media_id: str, size: int = 0) -> None:
+        """Finish a spare file (see store.spares) for new media, as ``create`` would."""
+        if size:
+            os.truncate(self.path(volume, media_id), size)
+        self.point_default(volume, media_id)
+
+    def spare_dir(self, volume: str, holder_id: str) -> Path:
+        """Where a process keeps empty files ready for creates (see store.spares)."""
+        return self.volume_dir(volume) / "media" / ".spare" / holder_id
+
     def discard_uploads(self, holder_id: str) -> None:
         """Remove unfinished uploads of a (dead or retiring) holder on every volume."""
         dirs = [self.top / "media" / ".uploads" / holder_id]
@@ -106,6 +117,14 @@ class BackingStore:
                 for leftover in directory.iterdir():
                     leftover.unlink(missing_ok=True)
                 directory.rmdir()
+
+    def discard_spares(self, holder_id: str) -> None:
+        """Remove the spare files of a (dead or retiring) holder on every volume."""
+        dirs = [self.top / "media" / ".spare" / holder_id]
+        dirs += (self.top / "vol").glob(f"*/media/.spare/{holder_id}")
+        for directory in dirs:
+            if directory.is_dir():
+                shutil.rmtree(directory)
 
     def remove(self, volume: str, media_id: str) -> None:
         self.path(volume, media_id).unlink(missing_ok=True)

@@ -1,0 +1,78 @@
+"""The create journal: media a process has created but not yet committed.
+
+A mount on SQLite commits its creates in batches (see ``Database.batched``)
+and answers each create before its batch commits. Each create is appended
+here first, one line of JSON, so a process killed before the commit loses
+none of them: the next start (or ``fsck``) replays the journal of a holder
+that is gone, and its backing files become media again. The journal is
+emptied after every batch commit, so it holds only the creates in flight.
+
+Like SQLite's own log with ``synchronous=NORMAL``, it survives the death of
+the process (it is in the page cache) but not a power cut: a file that must
+survive one is ``fsync``ed, which commits the batch first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+JOURNAL_DIR = Path("media") / ".journal"
+
+
+def journal_dir(top: Path) -> Path:
+    return top / JOURNAL_DIR
+
+
+class CreateJournal:
+    """One process's journal, open for appending."""
+
+    def __init__(self, top: Path, holder_id: str) -> None:
+        directory = journal_dir(top)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / holder_id
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Record one create; a line is written whole, in one ``write``."""
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        if os.write(self._fd, line) != len(line):
+            raise OSError(f"short write to the create journal {self.path}")
+
+    def clear(self) -> None:
+        """Forget every create recorded so far: their batch has committed."""
+        os.ftruncate(self._fd, 0)
+
+    def remove(self) -> None:
+        """Close and delete the journal (a clean stop, after the last commit)."""
+        os.close(self._fd)
+        self.path.unlink(missing_ok=True)
+
+
+def journals(top: Path) -> list[str]:
+    """The holder ids that have a journal under the store top."""
+    directory = journal_dir(top)
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if p.is_file())
+
+
+def read_journal(top: Path, holder_id: str) -> list[dict[str, Any]]:
+    """The creates a journal records; a torn last line (a crash mid-write) is skipped."""
+    records = []
+    try:
+        data = (journal_dir(top) / holder_id).read_bytes()
+    except FileNotFoundError:
+        return []
+    for line in data.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def discard_journal(top: Path, holder_id: str) -> None:
+    (journal_dir(top) / holder_id).unlink(missing_ok=True)
