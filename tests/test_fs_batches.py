@@ -47,20 +47,24 @@ def media_ids(v: Velocity) -> set[str]:
     return {m.id for m in v.media.all()}
 
 
-def test_kill9_before_the_batch_commits_loses_no_file(catalog, mount, vcli, store_dir):
-    catalog.setup({"tenants": 64})
-    m = mount()
-    pool = m / "tenants"
+def create_then_kill9(m, store_dir: Path) -> dict[str, bytes]:
+    """Create files until some wait for their batch's commit, then kill -9 the mount."""
     contents: dict[str, bytes] = {}
     for i in range(200):
         name = f"vm-{i:03d}.img"
         contents[name] = os.urandom(1000 + i)
-        (pool / name).write_bytes(contents[name])
+        (m / "tenants" / name).write_bytes(contents[name])
         # Stop as soon as creates are waiting for their commit: the journal has them.
         if i >= 20 and journal_bytes(store_dir):
             break
     assert journal_bytes(store_dir), "every batch had committed: nothing to lose"
     m.kill9()
+    return contents
+
+
+def test_kill9_before_the_batch_commits_loses_no_file(catalog, mount, vcli, store_dir):
+    catalog.setup({"tenants": 64})
+    contents = create_then_kill9(mount(), store_dir)
 
     m = mount()
     pool = m / "tenants"
@@ -73,6 +77,25 @@ def test_kill9_before_the_batch_commits_loses_no_file(catalog, mount, vcli, stor
     # No backing file without media: spares the dead mount kept were deleted.
     assert bucket_files(store_dir) == media_ids(catalog.v)
     assert vcli("fsck").code == 0
+
+
+def test_fsck_replays_what_a_killed_mount_left(catalog, mount, vcli, store_dir):
+    catalog.setup({"tenants": 64})
+    contents = create_then_kill9(mount(), store_dir)
+    assert spare_files(store_dir)
+    res = vcli("fsck", check=False)
+    assert res.code == 1
+    kinds = {line.split()[1] for line in res.stdout.splitlines()[:-1]}
+    assert {"unreplayed-journal:", "orphan-spares:"} <= kinds, res.stdout
+
+    assert vcli("fsck", "--repair", check=False).code == 0
+    assert vcli("fsck").stdout == "0 repaired, 0 remaining\n"
+    assert {m.name: m.size for m in catalog.v.media.all()} == {
+        name: len(data) for name, data in contents.items()
+    }
+    assert catalog.used("tenants") == sum(map(len, contents.values()))
+    assert spare_files(store_dir) == []
+    assert bucket_files(store_dir) == media_ids(catalog.v)
 
 
 def spare_files(store_dir: Path) -> list[Path]:

@@ -75,7 +75,7 @@ class Fsck:
                 yield from self._check_media(media)
             if progress is not None:
                 progress(1)
-        yield from self._orphans(known | self._journaled(), unmounted)
+        yield from self._orphans(known, unmounted)
         yield from self._usage()
 
     # grants ----------------------------------------------------------------
@@ -195,8 +195,11 @@ class Fsck:
 
     def _orphans(self, known: set[str], unmounted: set[str]) -> Iterator[Problem]:
         catalog_volume = self._catalog_volumes()
+        journaled = self._journaled()
         for volume, path in self._volume_files(unmounted):
             name = path.name
+            if name in journaled:
+                continue
             if not MEDIA_NAME.match(name):
                 yield Problem(
                     "orphan-file",
