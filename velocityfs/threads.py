@@ -1,7 +1,8 @@
 """Run blocking service calls off the trio loop, through one shared limiter.
 
 SQLAlchemy here is synchronous; an inline call that waits on a lock would
-freeze every FUSE and HTTP request served by the loop. The mount and the
+freeze every FUSE and HTTP request served by the loop (``in_batch`` runs one
+inline only while its process holds the lock already). The mount and the
 in-process API share one limiter, so SQLite sees a single writer thread
 (which gave the best tail latency) while PostgreSQL may use a few.
 

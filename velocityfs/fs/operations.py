@@ -3,7 +3,10 @@
 Hot paths (lookup, getattr, readdir, read, write within a grant) are served
 from the in-memory nodes; everything that changes the catalog runs the
 service in a worker thread (one at a time, which SQLite prefers) so a slow
-transaction never stalls the trio loop that serves FUSE and HTTP.
+transaction never stalls the trio loop that serves FUSE and HTTP. The one
+exception is a unit of work of an open SQLite batch (creates, batched closes):
+the batch holds the write lock, so it cannot wait for one, and it runs on the
+loop (``call_batched``).
 """
 
 from __future__ import annotations
