@@ -16,6 +16,7 @@ frames of the pages they share) each. See ``Database.batched``.
 """
 
 import contextlib
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -30,6 +31,8 @@ SQLITE_BUSY_TIMEOUT_MS = 60_000
 # A committing connection still checkpoints once the log has this many pages (40 MiB):
 # a bound for when no background checkpoint runs, not the usual way.
 SQLITE_AUTOCHECKPOINT_PAGES = 10_000
+
+log = logging.getLogger(__name__)
 
 _begin_to_read: ContextVar[bool] = ContextVar("begin_to_read", default=False)
 
@@ -88,6 +91,7 @@ class Database:
         self._on_batch_commit: list[Callable[[], None]] = []
         # Set by the process that batches its writes (a mount on SQLite).
         self.batching = False
+        self.batch_lost = False  # a batch failed to commit: its journal must stay
 
     @property
     def is_sqlite(self) -> bool:
@@ -207,8 +211,9 @@ class Database:
     def commit_batch(self) -> None:
         """Commit the batch transaction, if one is open.
 
-        If the commit fails the batch is rolled back and the error raised; the
-        hooks do not run, so whatever journals the batch keeps it.
+        If the commit fails the batch is rolled back and the error raised. The
+        hooks then never run again in this process: whatever journals the
+        lost batch keeps it, and the batches after it, for the next start.
         """
         if self._batch is None:
             return
@@ -218,12 +223,17 @@ class Database:
                 return
             try:
                 conn.commit()
+            except BaseException:
+                self.batch_lost = True
+                log.error("a batch could not be committed; its journal keeps it for the next start")
+                raise
             finally:
                 conn.info.pop(BATCH_MEMO, None)
                 conn.close()
             self.commits += 1
-            for hook in self._on_batch_commit:
-                hook()
+            if not self.batch_lost:
+                for hook in self._on_batch_commit:
+                    hook()
 
     def checkpoint(self) -> None:
         """Copy SQLite's write-ahead log into the database file, as far as readers allow.

@@ -145,14 +145,15 @@ class MediaService:
         return self._journal is not None and self.db.open_batch()
 
     def end_creates(self) -> None:
-        """Commit the last batch, delete the journal and the spare files (a clean stop)."""
+        """Commit the last batch, delete the journal (unless a batch was lost: the next
+        start replays it) and the spare files (a clean stop)."""
         if self._spares is not None:
             self._spares.close()
             self._spares = None
         if self._journal is not None:
             self.db.commit_batch()
             self.db.batching = False
-            self._journal.remove()
+            self._journal.close(keep=self.db.batch_lost)
             self._journal = None
 
     def view(self, media: Any, xattrs: dict[str, bytes] | None = None) -> MediaView:

@@ -45,10 +45,12 @@ class CreateJournal:
         """Forget every create recorded so far: their batch has committed."""
         os.ftruncate(self._fd, 0)
 
-    def remove(self) -> None:
-        """Close and delete the journal (a clean stop, after the last commit)."""
+    def close(self, *, keep: bool = False) -> None:
+        """Close the journal and delete it (a clean stop, after the last commit), or
+        ``keep`` it for the next start to replay."""
         os.close(self._fd)
-        self.path.unlink(missing_ok=True)
+        if not keep:
+            self.path.unlink(missing_ok=True)
 
 
 def journals(top: Path) -> list[str]:
