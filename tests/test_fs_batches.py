@@ -219,6 +219,7 @@ def test_another_process_writes_while_the_mount_creates(catalog, mount, vcli):
         stop.set()
         creator.join(30)
     assert made and made[0] > 0
-    assert waited < 10, f"the CLI waited {waited:.1f} s for the write lock"
+    # Without the pause after each batch it waited 1.5-2.5 s here, with it 0.03-0.12 s.
+    assert waited < 1.0, f"the CLI waited {waited:.1f} s for the write lock"
     assert catalog.exists("isos")
     assert len(list((m / "tenants").iterdir())) == made[0]

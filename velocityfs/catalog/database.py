@@ -19,6 +19,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -33,6 +34,10 @@ SQLITE_BUSY_TIMEOUT_MS = 60_000
 SQLITE_AUTOCHECKPOINT_PAGES = 10_000
 
 log = logging.getLogger(__name__)
+
+# After a batch commits, units run as transactions of their own for this long (see
+# ``Database.may_batch``).
+BATCH_PAUSE_S = 0.005
 
 _begin_to_read: ContextVar[bool] = ContextVar("begin_to_read", default=False)
 
@@ -92,6 +97,7 @@ class Database:
         # Set by the process that batches its writes (a mount on SQLite).
         self.batching = False
         self.batch_lost = False  # a batch failed to commit: its journal must stay
+        self._batch_pause_until = 0.0
 
     @property
     def is_sqlite(self) -> bool:
@@ -163,12 +169,25 @@ class Database:
             _driver_execute(driver, "RELEASE unit")
 
     def open_batch(self) -> bool:
-        """Open the batch if SQLite's write lock can be had without waiting; True when
-        a batch is open. (A caller that must not wait, the event loop, asks this.)"""
+        """Open the batch if SQLite's write lock can be had without waiting and the
+        pause after the last one is over; True when a batch is open. (A caller that
+        must not wait, the event loop, asks this.)"""
         with self._batch_lock:
-            if self._batch is None:
+            if self._batch is None and self.may_batch():
                 self._batch = self._begin_batch(wait=False)
             return self._batch is not None
+
+    def may_batch(self) -> bool:
+        """Whether a unit may go in a batch now: one is open, or ``BATCH_PAUSE_S`` have
+        passed since the last one committed.
+
+        A batch holds the write lock from its first unit to its commit. Were the
+        next one opened at once, another process waiting for the lock (its busy
+        handler retries every 100 ms) would find it taken nearly every time it
+        looked; in the pause each unit is a transaction of its own, with the lock
+        free between them.
+        """
+        return self._batch is not None or time.monotonic() >= self._batch_pause_until
 
     def _begin_batch(self, *, wait: bool) -> Connection | None:
         conn = self.engine.connect()
@@ -196,8 +215,9 @@ class Database:
         return conn
 
     def unit(self) -> contextlib.AbstractContextManager[Connection]:
-        """``batched`` in a process that batches (``batching``), else ``statements``."""
-        return self.batched() if self.batching else self.statements()
+        """``batched`` in a process that batches (``batching``) when it may now, else
+        ``statements``."""
+        return self.batched() if self.batching and self.may_batch() else self.statements()
 
     @property
     def batch_open(self) -> bool:
@@ -231,6 +251,7 @@ class Database:
                 conn.info.pop(BATCH_MEMO, None)
                 conn.close()
             self.commits += 1
+            self._batch_pause_until = time.monotonic() + BATCH_PAUSE_S
             if not self.batch_lost:
                 for hook in self._on_batch_commit:
                     hook()

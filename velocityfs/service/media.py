@@ -222,7 +222,8 @@ class MediaService:
         spare = self._spares.take(volume) if self._spares is not None else None
         row = _new_row(spare or new_id(), pool_id, name, size, volume, mode=mode, uid=uid, gid=gid)
         created = spare is not None
-        journal = self._journal if holder_id is not None else None
+        batched = holder_id is not None and self._journal is not None and self.db.may_batch()
+        journal = self._journal if batched else None
         try:
             with self.db.batched() if journal else self.db.statements() as conn:
                 (chain,) = lock_chains(conn, pool_id)
