@@ -85,6 +85,9 @@ class BackingStore:
         try:
             if size:
                 os.ftruncate(fd, size)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
         self.point_default(volume, media_id)
