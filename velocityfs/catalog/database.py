@@ -92,7 +92,10 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.commits = 0
         self._batch: Connection | None = None
-        self._batch_lock = threading.Lock()
+        # Reentrant so that a unit of the batch that starts another unit of work gets
+        # an error (commit_batch), not a deadlock.
+        self._batch_lock = threading.RLock()
+        self._in_unit = False
         self._on_batch_commit: list[Callable[[], None]] = []
         # Set by the process that batches its writes (a mount on SQLite).
         self.batching = False
@@ -159,6 +162,7 @@ class Database:
             assert self._batch is not None
             driver = self._batch.connection.driver_connection
             _driver_execute(driver, "SAVEPOINT unit")
+            self._in_unit = True
             try:
                 yield self._batch
             except BaseException:
@@ -166,6 +170,8 @@ class Database:
                 _driver_execute(driver, "ROLLBACK TO unit")
                 _driver_execute(driver, "RELEASE unit")
                 raise
+            finally:
+                self._in_unit = False
             _driver_execute(driver, "RELEASE unit")
 
     def open_batch(self) -> bool:
@@ -238,6 +244,8 @@ class Database:
         if self._batch is None:
             return
         with self._batch_lock:
+            if self._in_unit:
+                raise RuntimeError("a unit of work of the batch started another one")
             conn, self._batch = self._batch, None
             if conn is None:
                 return

@@ -90,7 +90,8 @@ def _new_row(
 
 
 class MediaService:
-    """Media operations; each public method is one transaction.
+    """Media operations; each public method is one transaction (a create of a
+    process that batches them, ``start_creates``, is one unit of its batch).
 
     Backing files are created before the catalog row commits (and removed
     again if it does not), and deleted only after the removal commits, so a

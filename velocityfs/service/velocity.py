@@ -1,5 +1,6 @@
 """The service facade: one object per process that adapters call into."""
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from velocityfs.service.volumes import VolumeService
 from velocityfs.store.backing import BackingStore
 from velocityfs.store.journal import journals
 from velocityfs.store.spares import spare_dirs
+
+log = logging.getLogger(__name__)
 
 
 class NotInitialised(VelocityError):
@@ -125,7 +128,13 @@ class Velocity:
         live = set(self.ledger.holder_ids()).difference(dead)
         for holder_id in journals(self.backing.top):
             if holder_id not in live:
-                self.media.recover_journal(holder_id)
+                recovered = self.media.recover_journal(holder_id)
+                if recovered:
+                    log.warning(
+                        "recovered %d create(s) that process %s journaled but never committed",
+                        recovered,
+                        holder_id,
+                    )
         for spares in spare_dirs(self.backing.top):
             if spares.name not in live:
                 self.backing.discard_spares(spares.name)
