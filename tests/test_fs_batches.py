@@ -220,3 +220,14 @@ def test_another_process_writes_while_the_mount_creates(catalog, mount, vcli):
     assert waited < 10, f"the CLI waited {waited:.1f} s for the write lock"
     assert catalog.exists("isos")
     assert len(list((m / "tenants").iterdir())) == made[0]
+
+
+def test_a_unit_of_the_batch_cannot_start_another(catalog):
+    """It would wait for the lock its own batch holds: an error, never a deadlock."""
+    catalog.setup({"a": 64})
+    db = catalog.v.db
+    with db.batched(), pytest.raises(RuntimeError), db.statements():
+        pass
+    assert db.batch_open
+    db.commit_batch()
+    assert not db.batch_open

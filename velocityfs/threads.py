@@ -61,7 +61,6 @@ class Offload:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-
     async def in_batch(
         self, open_batch: Callable[[], bool], fn: Callable[..., T], *args: Any, **kwargs: Any
     ) -> T:
