@@ -225,19 +225,20 @@ class Fsck:
                     lambda p=path, v=catalog_volume[name], m=name: self._drop_stray(p, v, m),
                 )
         dead = set(self.v.ledger.dead_holders())
-        for uploads in self.backing.top.glob("**/media/.uploads/*"):
-            if uploads.name in dead or not self._holder_exists(uploads.name):
+        leftovers = [
+            (d, "orphan-upload", "unfinished uploads", self.backing.discard_uploads)
+            for d in self.backing.top.glob("**/media/.uploads/*")
+        ]
+        leftovers += [
+            (d, "orphan-spares", "spare files", self.backing.discard_spares)
+            for d in spare_dirs(self.backing.top)
+        ]
+        for directory, kind, what, discard in leftovers:
+            if directory.name in dead or not self._holder_exists(directory.name):
                 yield Problem(
-                    "orphan-upload",
-                    f"{uploads}: unfinished uploads of a process that is gone",
-                    lambda h=uploads.name: self.backing.discard_uploads(h),
-                )
-        for spares in spare_dirs(self.backing.top):
-            if spares.name in dead or not self._holder_exists(spares.name):
-                yield Problem(
-                    "orphan-spares",
-                    f"{spares}: spare files of a process that is gone",
-                    lambda h=spares.name: self.backing.discard_spares(h),
+                    kind,
+                    f"{directory}: {what} of a process that is gone",
+                    lambda discard=discard, h=directory.name: discard(h),
                 )
         for holder_id in journals(self.backing.top):
             if holder_id in dead or not self._holder_exists(holder_id):
