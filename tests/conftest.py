@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 from support.admin import InProcessCli, Tmpfs
+from support.fs import Catalog
 from support.mount import Mount, Watchdog
 
 PG_URL_ENV = "VELOCITYFS_TEST_PG_URL"
@@ -227,6 +228,14 @@ def mount(
     finally:
         for m in reversed(mounts):
             m.teardown()
+
+
+@pytest.fixture
+def catalog(catalog_url: str, store_dir: Path) -> Iterator[Catalog]:
+    """The service on this test's catalog: set-up and reading what it records."""
+    c = Catalog(catalog_url, store_dir)
+    yield c
+    c.close()
 
 
 @pytest.fixture

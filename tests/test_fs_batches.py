@@ -19,19 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
-from support.fs import MIB, Catalog, file_sizes, sync_dir, used
+from support.fs import MIB, file_sizes, sync_dir, used
 
 from velocityfs.errors import NotFound
 from velocityfs.service.velocity import Velocity
 
 pytestmark = pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
-
-
-@pytest.fixture
-def catalog(catalog_url, store_dir):
-    c = Catalog(catalog_url, store_dir)
-    yield c
-    c.close()
 
 
 def journal_bytes(store_dir: Path) -> int:

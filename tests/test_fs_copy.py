@@ -14,20 +14,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support.fs import MIB, Catalog, file_sizes, manifest, run, used
+from support.fs import MIB, file_sizes, manifest, run, used
 
 pytestmark = [
     pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True),
     pytest.mark.watchdog(200),
 ]
-
-
-@pytest.fixture
-def catalog(catalog_url, store_dir):
-    """The service on this test's catalog: set-up and reading what it records."""
-    c = Catalog(catalog_url, store_dir)
-    yield c
-    c.close()
 
 
 BIG = 200 * MIB

@@ -25,13 +25,6 @@ from velocityfs.threads import Offload
 CATCH_UP_S = 2.0  # far above the batch window (50 ms), for a loaded CI machine
 
 
-@pytest.fixture
-def catalog(catalog_url, store_dir):
-    c = Catalog(catalog_url, store_dir)
-    yield c
-    c.close()
-
-
 def media_sizes(catalog: Catalog, ref: str) -> dict[str, int]:
     pool = catalog.v.pool_by_ref(ref)
     return {m.name: m.size for m in catalog.v.media.in_pool(pool.id)}

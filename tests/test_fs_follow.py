@@ -23,13 +23,6 @@ from velocityfs.threads import Offload
 pytestmark = pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
 
 
-@pytest.fixture
-def catalog(catalog_url, store_dir):
-    c = Catalog(catalog_url, store_dir)
-    yield c
-    c.close()
-
-
 async def _no_kernel(*_args) -> None:  # nothing is mounted: no kernel cache to drop
     return None
 

@@ -11,19 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from support.fs import MIB, Catalog, run, sha256, sync_dir, used, vattr
+from support.fs import MIB, run, sha256, sync_dir, used, vattr
 
 from velocityfs.service.media import MediaService
 
 SQLITE_ONLY = pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
-
-
-@pytest.fixture
-def catalog(catalog_url, store_dir):
-    """The service on this test's catalog: set-up and reading what it records."""
-    c = Catalog(catalog_url, store_dir)
-    yield c
-    c.close()
 
 
 def _write(path: Path, size: int) -> str:

@@ -10,18 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 
-import pytest
-from support.fs import MIB, VX, Catalog, file_sizes, manifest, pool_show, run, used, vattr
+from support.fs import MIB, VX, file_sizes, manifest, pool_show, run, used, vattr
 
 POOLS = ["tenants", "tenants/acme", "tenants/acme/vm 1", "tenants/globex", "isos"]
-
-
-@pytest.fixture
-def catalog(catalog_url, store_dir):
-    """The service on this test's catalog: set-up and reading what it records."""
-    c = Catalog(catalog_url, store_dir)
-    yield c
-    c.close()
 
 
 def _build(m) -> None:

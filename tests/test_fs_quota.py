@@ -19,18 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from support.fs import MIB, Catalog, avail, getfattr, pool_show, run, sha256, used, vattr
+from support.fs import MIB, avail, getfattr, pool_show, run, sha256, used, vattr
 
 SQLITE_ONLY = pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
 FALLOC_FL_KEEP_SIZE = 0x01
-
-
-@pytest.fixture
-def catalog(catalog_url, store_dir):
-    """The service on this test's catalog: set-up and reading what it records."""
-    c = Catalog(catalog_url, store_dir)
-    yield c
-    c.close()
 
 
 def _random_file(path: Path, size: int) -> Path:

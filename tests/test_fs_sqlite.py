@@ -16,18 +16,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from support.fs import Catalog, sync_dir
+from support.fs import sync_dir
 
 pytestmark = pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
 
 LIVENESS_S = 10.0  # how long an answer from memory may take on a loaded CI machine
-
-
-@pytest.fixture
-def catalog(catalog_url, store_dir):
-    c = Catalog(catalog_url, store_dir)
-    yield c
-    c.close()
 
 
 def sqlite_path(catalog_url: str) -> Path:

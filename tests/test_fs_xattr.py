@@ -9,17 +9,9 @@ import os
 import subprocess
 
 import pytest
-from support.fs import MIB, VX, Catalog, avail, getfattr, run, sha256, used, vattr
+from support.fs import MIB, VX, avail, getfattr, run, sha256, used, vattr
 
 SQLITE_ONLY = pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
-
-
-@pytest.fixture
-def catalog(catalog_url, store_dir):
-    """The service on this test's catalog: set-up and reading what it records."""
-    c = Catalog(catalog_url, store_dir)
-    yield c
-    c.close()
 
 
 def _setfattr(path, name: str, value: str) -> subprocess.CompletedProcess[str]:
