@@ -224,3 +224,24 @@ def test_a_unit_of_the_batch_cannot_start_another(catalog):
     assert db.batch_open
     db.commit_batch()
     assert not db.batch_open
+
+
+def test_a_writer_that_registers_again_moves_its_creates_to_the_new_holder(catalog, store_dir):
+    """A mount whose lease was reclaimed while it was cut off registers anew: its old
+    journal and spares must not be left for reclaim to replay or delete under it."""
+    v = catalog.v
+    catalog.setup({"a": 64})
+    pool = v.pool_by_ref("a").id
+    old = v.register_writer()
+    try:
+        v.media.create_open(pool, "before.img", holder_id=old)
+        new = v.register_writer()
+        assert not (store_dir / "media" / ".journal" / old).exists()
+        assert not (store_dir / "media" / ".spare" / old).exists()
+        v.media.create_open(pool, "after.img", holder_id=new)
+        assert journal_bytes(store_dir) > 0
+        v.media.commit_batch()
+        assert journal_bytes(store_dir) == 0
+    finally:
+        v.media.end_creates()
+    assert sorted(m.name for m in v.media.in_pool(pool)) == ["after.img", "before.img"]

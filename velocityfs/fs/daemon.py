@@ -106,8 +106,7 @@ def run_mount(
     reclaimed = velocity.reclaim_dead_holders()
     if reclaimed:
         log.warning("reclaimed %d grant(s) left by a crashed process", reclaimed)
-    holder = velocity.ledger.register_holder()
-    velocity.media.start_creates(holder)
+    holder = velocity.register_writer()
     offload = Offload(threads_for(velocity.db.is_sqlite), catalog_timeout_s)
     ops = VelocityOperations(
         velocity,

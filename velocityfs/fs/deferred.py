@@ -24,7 +24,7 @@ in between, reclaim records the size from the backing file, and an unlinked
 media is still there with its bytes (as an unsynced unlink on any disk).
 
 Creates are different: they are committed by the service's batch transaction
-(``MediaService.batch_creates``), whose statements ran under the lock before
+(``MediaService.start_creates``), whose statements ran under the lock before
 the create was answered. This only sees that the batch commits ``BATCH_S``
 after its first create at the latest; any other catalog call commits it
 sooner. Other processes see a new file once its batch commits.

@@ -63,7 +63,7 @@ class Follower:
             ops.lease_valid_until = time.monotonic() + self.lease_s * 0.8
             return
         log.error("this mount's grants were reclaimed while it was cut off; re-registering")
-        ops.holder_id = await ops.offload(ops.v.ledger.register_holder)
+        ops.holder_id = await ops.offload(ops.v.register_writer)
         ops.lease_valid_until = time.monotonic() + self.lease_s * 0.8
         for node in list(ops.inodes.by_media.values()):
             node.charged = node.settled = node.size

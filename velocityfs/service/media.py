@@ -109,6 +109,7 @@ class MediaService:
         self._placement = placement or (lambda _pool_id, _name, _creator: DEFAULT_VOLUME)
         self._journal: CreateJournal | None = None
         self._spares: SpareFiles | None = None
+        database.on_batch_commit(self._batch_committed)
 
     # a writer process's creates ------------------------------------------------
     def start_creates(self, holder_id: str) -> None:
@@ -124,13 +125,18 @@ class MediaService:
         a mount: a BEGIN and a COMMIT less per file, and the pages many creates
         share written to the log once. PostgreSQL catalogs keep a transaction
         per create, since an open batch would hold row locks against other hosts.
+        Called again with a new holder id (the process re-registered), the old
+        holder's batch commits and its journal and spares go first.
         """
-        if self._spares is None:
-            self._spares = SpareFiles(self.backing, holder_id)
-        if self.db.is_sqlite and self._journal is None:
+        self.end_creates()
+        self._spares = SpareFiles(self.backing, holder_id)
+        if self.db.is_sqlite:
             self._journal = CreateJournal(self.backing.top, holder_id)
-            self.db.on_batch_commit(self._journal.clear)
             self.db.batching = True
+
+    def _batch_committed(self) -> None:
+        if self._journal is not None:
+            self._journal.clear()
 
     def commit_batch(self) -> None:
         """Commit the creates waiting in the batch (a no-op when none are)."""

@@ -114,6 +114,14 @@ class Velocity:
         except VelocityError:
             return self.pools.resolve(ref)
 
+    def register_writer(self) -> str:
+        """Register this process as a grant holder whose creates are batched, journaled
+        and take spare files (``MediaService.start_creates``); returns its holder id.
+        A process whose lease was reclaimed while it was cut off calls it again."""
+        holder_id = self.ledger.register_holder()
+        self.media.start_creates(holder_id)
+        return holder_id
+
     def reclaim_dead_holders(self) -> int:
         """Return the grants of crashed processes on this host, keeping bytes they wrote.
 
@@ -124,9 +132,13 @@ class Velocity:
         of any holder that is dead or gone from the catalog; its spare files
         go (``store.spares``).
         """
+        # The files first: a holder is registered before it makes its journal and
+        # spares, so one whose files are seen here is in the table read next.
+        journaled = journals(self.backing.top)
+        spares = spare_dirs(self.backing.top)
         dead = self.ledger.dead_holders()
         live = set(self.ledger.holder_ids()).difference(dead)
-        for holder_id in journals(self.backing.top):
+        for holder_id in journaled:
             if holder_id not in live:
                 recovered = self.media.recover_journal(holder_id)
                 if recovered:
@@ -135,9 +147,9 @@ class Velocity:
                         recovered,
                         holder_id,
                     )
-        for spares in spare_dirs(self.backing.top):
-            if spares.name not in live:
-                self.backing.discard_spares(spares.name)
+        for directory in spares:
+            if directory.name not in live:
+                self.backing.discard_spares(directory.name)
         reclaimed = 0
         for holder_id in dead:
             sizes: dict[str, int] = {}

@@ -113,18 +113,15 @@ class BackingStore:
 
     def discard_uploads(self, holder_id: str) -> None:
         """Remove unfinished uploads of a (dead or retiring) holder on every volume."""
-        dirs = [self.top / "media" / ".uploads" / holder_id]
-        dirs += (self.top / "vol").glob(f"*/media/.uploads/{holder_id}")
-        for directory in dirs:
-            if directory.is_dir():
-                for leftover in directory.iterdir():
-                    leftover.unlink(missing_ok=True)
-                directory.rmdir()
+        self._discard(".uploads", holder_id)
 
     def discard_spares(self, holder_id: str) -> None:
         """Remove the spare files of a (dead or retiring) holder on every volume."""
-        dirs = [self.top / "media" / ".spare" / holder_id]
-        dirs += (self.top / "vol").glob(f"*/media/.spare/{holder_id}")
+        self._discard(".spare", holder_id)
+
+    def _discard(self, kind: str, holder_id: str) -> None:
+        dirs = [self.top / "media" / kind / holder_id]
+        dirs += (self.top / "vol").glob(f"*/media/{kind}/{holder_id}")
         for directory in dirs:
             if directory.is_dir():
                 shutil.rmtree(directory)
