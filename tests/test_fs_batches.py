@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from support.fs import MIB, file_sizes, sync_dir, used
 
+from velocityfs.catalog.database import BATCH_PAUSE_S
 from velocityfs.errors import NotFound
 from velocityfs.service.velocity import Velocity
 
@@ -238,7 +239,10 @@ def test_a_writer_that_registers_again_moves_its_creates_to_the_new_holder(catal
         new = v.register_writer()
         assert not (store_dir / "media" / ".journal" / old).exists()
         assert not (store_dir / "media" / ".spare" / old).exists()
+        # Registering committed the old holder's batch; the next opens after the pause.
+        time.sleep(BATCH_PAUSE_S)
         v.media.create_open(pool, "after.img", holder_id=new)
+        assert v.media.batch_pending
         assert journal_bytes(store_dir) > 0
         v.media.commit_batch()
         assert journal_bytes(store_dir) == 0
