@@ -329,6 +329,42 @@ def test_policy_places_media_created_through_the_service(vcli, store_dir, catalo
     assert vcli("fsck").code == 0
 
 
+@SQLITE_ONLY
+def test_a_writers_creates_placed_by_policy_stay_in_one_batch(vcli, store_dir, catalog_url):
+    """Asking the policy reads the catalog (pool paths, the volume list). Read in a unit
+    of work of its own it committed the batch on every create; now it is read inside
+    the create's unit, and every placement of the table shares one commit."""
+    setup_store(vcli, store_dir, {"tenants": 1000, "isos": 1000, "labs": 1000}, POLICY_VOLUMES)
+    vcli("pool", "create", "tenants/acme")
+    vcli("pool", "create", "tenants/acme/dev")
+    with service(catalog_url, store_dir, POLICY) as v:
+        pools = {pool: v.pool_by_ref(pool).id for (pool, *_), _volume in PLACEMENTS}
+        holder = v.register_writer()
+        try:
+            commits = v.db.commits
+            made = []
+            for i, ((pool, name, user, groups), volume) in enumerate(PLACEMENTS):
+                stem, ext = os.path.splitext(name)  # names repeat in the table
+                view, _granted = v.media.create_open(
+                    pools[pool],
+                    f"{stem}-{i}{ext}",
+                    holder_id=holder,
+                    creator=Creator(user, frozenset(groups)),
+                )
+                assert view.volume == volume, (pool, name, user, groups)
+                assert v.media.batch_pending
+                made.append((view.id, volume))
+            assert v.db.commits == commits
+            v.media.commit_batch()
+            assert v.db.commits == commits + 1
+        finally:
+            v.media.end_creates()
+        for mid, volume in made:
+            assert catalog_volume(v, mid) == volume
+            assert_on_volume(store_dir, mid, volume)
+    assert vcli("fsck").code == 0
+
+
 # policy -> (the service's warning, the reason `volume policy check` gives)
 BROKEN_POLICIES = {
     "unparsable": (

@@ -123,6 +123,20 @@ def chain_ids(conn: Connection, pool_id: str) -> list[str]:
     return ids
 
 
+_NAME = Prepared(select(POOLS.c.name).where(POOLS.c.id == bindparam("pid")))
+
+
+def pool_path(conn: Connection, pool_id: str) -> str:
+    """The pool's path of names, root first (``tenants/acme``)."""
+    ids = chain_ids(conn, pool_id)
+    return "/".join(_NAME.execute(conn, {"pid": pid}).fetchone()[0] for pid in ids)
+
+
+def chain_path(chain: Sequence[Link]) -> str:
+    """The path of names of a chain's last pool, from its links (no query)."""
+    return "/".join(link.name for link in chain)
+
+
 def _remembered_chain(pool_id: str) -> list[str] | None:
     ids: list[str] = []
     current: str | None = pool_id

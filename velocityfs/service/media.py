@@ -12,7 +12,16 @@ from velocityfs.catalog.database import Database
 from velocityfs.catalog.models import DEFAULT_VOLUME, Media, Pool, XAttr, new_id
 from velocityfs.catalog.prepared import Prepared
 from velocityfs.errors import Conflict, InvalidValue, NotFound
-from velocityfs.service.chains import Link, charge, lock_chains, room, serialised, touch
+from velocityfs.service.chains import (
+    Link,
+    chain_path,
+    charge,
+    lock_chains,
+    pool_path,
+    room,
+    serialised,
+    touch,
+)
 from velocityfs.service.ledger import (
     GRANTS,
     MEDIA,
@@ -34,6 +43,11 @@ XATTRS = XAttr.__table__
 _INSERT_MEDIA = Prepared(insert(MEDIA))
 _EXISTS = select(MEDIA.c.id).where(MEDIA.c.id == bindparam("mid"))
 # A journaled create's columns (``changed_ns`` is set anew when it is recovered).
+# Where new media goes: the volume policy, asked with the create's connection (so it
+# reads the catalog inside the create's unit of work), the pool's path, the name and
+# the creator.
+Placement = Callable[[Connection, str, str, Creator | None], str]
+
 _ROW_KEYS = ("id", "pool_id", "volume", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns")
 _BY_NAME = select(MEDIA.c.id, MEDIA.c.pool_id, MEDIA.c.size, MEDIA.c.volume).where(
     MEDIA.c.pool_id == bindparam("pid"), MEDIA.c.name == bindparam("name")
@@ -102,11 +116,11 @@ class MediaService:
         self,
         database: Database,
         backing: BackingStore,
-        placement: Callable[[str, str, Creator | None], str] | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.db = database
         self.backing = backing
-        self._placement = placement or (lambda _pool_id, _name, _creator: DEFAULT_VOLUME)
+        self._placement = placement or (lambda _conn, _path, _name, _creator: DEFAULT_VOLUME)
         self._journal: CreateJournal | None = None
         self._spares: SpareFiles | None = None
         database.on_batch_commit(self._batch_committed)
@@ -225,17 +239,22 @@ class MediaService:
         check_name(name, "file name")
         if size < 0:
             raise InvalidValue("size must not be negative")
-        volume = self._placement(pool_id, name, creator)
-        spare = self._spares.take(volume) if self._spares is not None else None
-        row = _new_row(spare or new_id(), pool_id, name, size, volume, mode=mode, uid=uid, gid=gid)
-        created = spare is not None
         batched = holder_id is not None and self._journal is not None and self.db.may_batch()
         journal = self._journal if batched else None
+        made: tuple[str, str] | None = None  # the backing file, while this create has one
         try:
             with self.db.batched() if journal else self.db.statements() as conn:
                 (chain,) = lock_chains(conn, pool_id)
                 if name_taken(conn, pool_id, name):
                     raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
+                # In the unit, on its connection: asking the policy must not commit a batch.
+                volume = self._placement(conn, chain_path(chain), name, creator)
+                spare = self._spares.take(volume) if self._spares is not None else None
+                row = _new_row(
+                    spare or new_id(), pool_id, name, size, volume, mode=mode, uid=uid, gid=gid
+                )
+                if spare is not None:
+                    made = (volume, row["id"])
                 available = room(chain) - size
                 first = grant_size(0, max(0, available), grant_chunk) if holder_id else 0
                 charge(conn, chain, size + first, touch_ns=row["ctime_ns"])
@@ -246,13 +265,13 @@ class MediaService:
                     self.backing.adopt_spare(volume, spare, size)
                 else:
                     self.backing.create(volume, row["id"], size)
-                    created = True
+                    made = (volume, row["id"])
                 if journal is not None:
                     journal.append({**row, "granted": size + first})
                 return self.view(SimpleNamespace(**row)), first
         except BaseException:
-            if created:
-                self.backing.remove(volume, row["id"])
+            if made is not None:
+                self.backing.remove(*made)
             raise
 
     def recover_journal(self, holder_id: str) -> int:
@@ -324,7 +343,9 @@ class MediaService:
 
     def choose_volume(self, pool_id: str, name: str, creator: Creator | None) -> str:
         """The volume that new media of this pool, name and creator goes to."""
-        return self._placement(pool_id, name, creator)
+        with self.db.reading() as s:
+            conn = s.connection()
+            return self._placement(conn, pool_path(conn, pool_id), name, creator)
 
     def get(self, media_id: str) -> MediaView:
         with self.db.transaction() as s:

@@ -133,10 +133,6 @@ class VolumePolicy:
             self.rules, self.error = None, str(exc)
             log.warning("volume policy is broken (%s): media goes to DEFAULT", exc)
 
-    def uses(self, kind: str) -> bool:
-        """Whether any rule has a test of this kind (so its input must be looked up)."""
-        return any(t.kind == kind for rule in self.rules or [] for t in rule.tests)
-
     def decide(self, subject: Subject, volumes: Callable[[], Iterable[str]]) -> Decision:
         """First matching rule's volume; ``volumes`` is asked only for a non-DEFAULT one."""
         if self.rules is None:

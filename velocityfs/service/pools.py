@@ -18,7 +18,7 @@ from velocityfs.errors import (
     QuotaAboveAncestor,
     QuotaBelowUsage,
 )
-from velocityfs.service.chains import Link, chain_ids, charge, lock_chains, room, touch
+from velocityfs.service.chains import Link, chain_ids, charge, lock_chains, pool_path, room, touch
 from velocityfs.service.names import check_name
 from velocityfs.service.removals import record_removals
 from velocityfs.service.views import PoolView, apply_attrs
@@ -176,9 +176,9 @@ class PoolService:
             return pool_view(pool)
 
     def path(self, pool_id: str) -> str:
-        with self.db.transaction() as s:
-            names = [s.get(Pool, pid).name for pid in chain_ids(s.connection(), pool_id)]  # type: ignore[union-attr]
-            return "/".join(names)
+        """The pool's path of names (``tenants/acme``)."""
+        with self.db.reading() as s:
+            return pool_path(s.connection(), pool_id)
 
     def available(self, pool_id: str) -> int:
         """The room really left: the minimum over the pool and all its ancestors."""

@@ -2,7 +2,10 @@
 
 import logging
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+from sqlalchemy import Connection
 
 from velocityfs.catalog.database import Database
 from velocityfs.catalog.schema import revisions, upgrade
@@ -14,7 +17,7 @@ from velocityfs.service.media import MediaService, XAttrs
 from velocityfs.service.policy import DEFAULT_POLICY, Decision, Subject, VolumePolicy
 from velocityfs.service.pools import PoolService
 from velocityfs.service.views import Creator, PoolView
-from velocityfs.service.volumes import VolumeService
+from velocityfs.service.volumes import VolumeService, volume_names
 from velocityfs.store.backing import BackingStore
 from velocityfs.store.journal import journals
 from velocityfs.store.spares import spare_dirs
@@ -96,16 +99,23 @@ class Velocity:
         walk(None, 0, "")
         return rows
 
-    def place(self, pool_id: str, name: str, creator: Creator | None) -> str:
-        """The volume policy's choice for new media (the pool's path is read only if a
-        rule looks at it: the default policy costs no query)."""
-        path = self.pools.path(pool_id) if self.policy.uses("pool") else ""
-        return self.explain_placement(path, name, creator).volume
+    def place(self, conn: Connection, pool_path: str, name: str, creator: Creator | None) -> str:
+        """The volume policy's choice for new media, asked inside the create's unit of
+        work: the volumes are read on its connection (only for a non-DEFAULT rule)."""
+        return self._decide(pool_path, name, creator, lambda: volume_names(conn)).volume
 
     def explain_placement(self, pool_path: str, name: str, creator: Creator | None) -> Decision:
+        return self._decide(pool_path, name, creator, self.volumes.names)
+
+    def _decide(
+        self,
+        pool_path: str,
+        name: str,
+        creator: Creator | None,
+        volumes: Callable[[], Iterable[str]],
+    ) -> Decision:
         creator = creator or Creator()
-        subject = Subject(pool_path, name, creator.user, creator.groups)
-        return self.policy.decide(subject, self.volumes.names)
+        return self.policy.decide(Subject(pool_path, name, creator.user, creator.groups), volumes)
 
     def pool_by_ref(self, ref: str) -> PoolView:
         """A pool by id, or by path of names (``tenants/acme``)."""

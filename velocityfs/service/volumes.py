@@ -14,15 +14,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 
 from velocityfs.catalog.database import Database
 from velocityfs.catalog.models import DEFAULT_VOLUME, Grant, Media, Volume
+from velocityfs.catalog.prepared import Prepared
 from velocityfs.errors import Busy, Conflict, InvalidValue, NotFound
 from velocityfs.service.names import check_name
 from velocityfs.store.backing import BackingStore
 
 COPY_CHUNK = 8 << 20
+
+_NAMES = Prepared(select(Volume.__table__.c.name).order_by(Volume.__table__.c.name))
+
+
+def volume_names(conn: Connection) -> list[str]:
+    """The registered volumes, read on a unit of work's own connection: a create
+    that asks the policy stays one unit (in a batch, too)."""
+    return [row[0] for row in _NAMES.execute(conn, {})]
 
 
 @dataclass(frozen=True)
@@ -42,8 +51,8 @@ class VolumeService:
         self.backing = backing
 
     def names(self) -> list[str]:
-        with self.db.transaction() as s:
-            return list(s.execute(select(Volume.name).order_by(Volume.name)).scalars())
+        with self.db.reading() as s:
+            return volume_names(s.connection())
 
     def add(self, name: str) -> VolumeInfo:
         """Register TOP/vol/NAME; it must exist (the disk is mounted there first)."""
