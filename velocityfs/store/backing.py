@@ -62,8 +62,15 @@ class BackingStore:
         if volume == DEFAULT_VOLUME:
             return
         link = self.default_path(media_id)
-        link.parent.mkdir(parents=True, exist_ok=True)
         target = os.path.relpath(self.path(volume, media_id), link.parent)
+        try:
+            # New media (every create): nothing to replace, so no staging and rename.
+            os.symlink(target, link)
+            return
+        except FileNotFoundError:
+            link.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            pass
         staging = link.with_suffix(".link")
         staging.unlink(missing_ok=True)
         os.symlink(target, staging)
