@@ -42,12 +42,12 @@ from velocityfs.store.spares import SpareFiles
 XATTRS = XAttr.__table__
 _INSERT_MEDIA = Prepared(insert(MEDIA))
 _EXISTS = select(MEDIA.c.id).where(MEDIA.c.id == bindparam("mid"))
-# A journaled create's columns (``changed_ns`` is set anew when it is recovered).
 # Where new media goes: the volume policy, asked with the create's connection (so it
 # reads the catalog inside the create's unit of work), the pool's path, the name and
 # the creator.
 Placement = Callable[[Connection, str, str, Creator | None], str]
 
+# A journaled create's columns (``changed_ns`` is set anew when it is recovered).
 _ROW_KEYS = ("id", "pool_id", "volume", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns")
 _BY_NAME = select(MEDIA.c.id, MEDIA.c.pool_id, MEDIA.c.size, MEDIA.c.volume).where(
     MEDIA.c.pool_id == bindparam("pid"), MEDIA.c.name == bindparam("name")
