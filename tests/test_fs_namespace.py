@@ -352,7 +352,7 @@ def test_pool_with_20000_entries(catalog, mount):
     # callback puts everything on DEFAULT (what the default policy decides
     # anyway) and skips two extra policy transactions per media: 2 ms, not 5.
     start = time.monotonic()
-    media = MediaService(catalog.v.db, catalog.v.backing)
+    media = MediaService(catalog.v.db, catalog.v.backing, catalog.v.chains)
     for name in sorted(names):
         media.create(pid, name)
     create_s = time.monotonic() - start

@@ -25,7 +25,6 @@ from support.ledger_worker import all_media_ids, work
 from support.usage import assert_usage_consistent, expected_usage, grant_count
 
 from velocityfs.errors import NotFound, QuotaExceeded
-from velocityfs.service import ledger, media, pools
 from velocityfs.service.velocity import Velocity
 
 KIB = 1 << 10
@@ -315,17 +314,15 @@ def test_an_operation_works_from_what_was_committed_while_it_waited_for_its_lock
     reached, settled = threading.Event(), threading.Event()
     slow: list[threading.Thread] = []
 
-    def gated(lock_chains):  # type: ignore[no-untyped-def]
-        def lock(conn, *pool_ids):  # type: ignore[no-untyped-def]
-            if threading.current_thread() in slow and not reached.is_set():
-                reached.set()
-                settled.wait(wait_s)
-            return lock_chains(conn, *pool_ids)
+    lock_chains = v.chains.lock
 
-        return lock
+    def gated(conn, *pool_ids):  # type: ignore[no-untyped-def]
+        if threading.current_thread() in slow and not reached.is_set():
+            reached.set()
+            settled.wait(wait_s)
+        return lock_chains(conn, *pool_ids)
 
-    for module in (ledger, media, pools):
-        monkeypatch.setattr(module, "lock_chains", gated(module.lock_chains))
+    monkeypatch.setattr(v.chains, "lock", gated)
     errors: list[BaseException] = []
 
     def operation() -> None:

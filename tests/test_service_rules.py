@@ -38,7 +38,7 @@ from velocityfs.errors import (
     VelocityError,
 )
 from velocityfs.service.accounts import PERMISSIONS, ROOT_GROUP, caller_of
-from velocityfs.service.chains import charge, lock_chains
+from velocityfs.service.chains import charge
 from velocityfs.service.velocity import Velocity
 
 KIB = 1 << 10
@@ -355,6 +355,36 @@ def test_grants_grow_settle_keep_and_record_their_holders(v: Velocity) -> None:
     assert_usage_consistent(v)
 
 
+def test_settle_keeping_or_holding_makes_the_grant_row_a_holder_lacks(v: Velocity) -> None:
+    """A holder without a grant row (its lease reclaimed, then registered again, while
+    the file stayed open for writing) settles with ``keep`` or ``hold``: the settle
+    makes the row, charging what it keeps."""
+    root = v.pools.create(None, "root", 10 * MIB)
+    kept = v.media.create(root.id, "kept", size=KIB)
+    held = v.media.create(root.id, "held", size=KIB)
+    holder = v.ledger.register_holder()
+    assert grant_count(v) == 0
+
+    v.ledger.settle(kept.id, holder, 3 * KIB, keep=5 * KIB)
+    v.ledger.settle(held.id, holder, 2 * KIB, hold=True)
+    with v.db.transaction() as s:
+        rows = {
+            r.media_id: (r.holder_id, r.pool_id, r.bytes)
+            for r in s.execute(select(Grant.media_id, Grant.holder_id, Grant.pool_id, Grant.bytes))
+        }
+    assert rows == {kept.id: (holder, root.id, 5 * KIB), held.id: (holder, root.id, 0)}
+    assert (v.media.get(kept.id).size, v.media.get(held.id).size) == (3 * KIB, 2 * KIB)
+    assert used(v, root.id) == 3 * KIB + 5 * KIB + 2 * KIB
+    assert_usage_consistent(v)
+
+    # The rows are the holder's grants like any other: a plain settle drops them.
+    v.ledger.settle(kept.id, holder, 4 * KIB)
+    v.ledger.settle(held.id, holder, 2 * KIB)
+    assert grant_count(v) == 0
+    assert used(v, root.id) == 6 * KIB
+    assert_usage_consistent(v)
+
+
 @contextmanager
 def count_statements(v: Velocity) -> Iterator[list[str]]:
     statements: list[str] = []
@@ -399,7 +429,7 @@ def add_sibling_media(v: Velocity, pool_id: str, count: int) -> None:
             for m in rows
         )
     with v.db.statements() as conn:
-        (chain,) = lock_chains(conn, pool_id)
+        (chain,) = v.chains.lock(conn, pool_id)
         charge(conn, chain, 2 * count)
 
 
@@ -656,7 +686,7 @@ def test_a_pool_with_more_media_than_one_statement_may_bind_is_removed(v: Veloci
     images = v.pools.create(root.id, "images", None)
     ids = insert_media(v, images.id, size=1)
     with v.db.statements() as conn:
-        charge(conn, lock_chains(conn, images.id)[0], len(ids))
+        charge(conn, v.chains.lock(conn, images.id)[0], len(ids))
     v.xattrs.set(ids[0], "user.note", b"hi")
     v.pools.remove(images.id, recursive=True)
     assert [p.id for p in v.pools.all()] == [root.id]

@@ -23,7 +23,7 @@ from velocityfs.errors import (
     InvalidValue,
     NotFound,
 )
-from velocityfs.service.chains import chain_ids
+from velocityfs.service.chains import Chains
 from velocityfs.service.names import check_name
 from velocityfs.service.pools import pool_view
 from velocityfs.service.views import PoolView
@@ -109,8 +109,14 @@ def caller_of(s: Session, user_id: str) -> Caller:
 class AccountService:
     """Accounts and access; each public method is one transaction."""
 
-    def __init__(self, database: Database, authkey_lifetime_s: int = DEFAULT_AUTHKEY_LIFETIME_S):
+    def __init__(
+        self,
+        database: Database,
+        chains: Chains,
+        authkey_lifetime_s: int = DEFAULT_AUTHKEY_LIFETIME_S,
+    ) -> None:
         self.db = database
+        self.chains = chains
         self.authkey_lifetime_s = authkey_lifetime_s
 
     # users -----------------------------------------------------------------
@@ -287,7 +293,7 @@ class AccountService:
                 return set()
             rows = s.execute(
                 select(Share.permissions).where(
-                    Share.pool_id.in_(chain_ids(s.connection(), pool_id)),
+                    Share.pool_id.in_(self.chains.ids(s.connection(), pool_id)),
                     Share.group_id.in_(caller.group_ids),
                 )
             ).scalars()

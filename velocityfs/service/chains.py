@@ -99,87 +99,101 @@ _TOUCH = Prepared(
     .values(mtime_ns=bindparam("now"), ctime_ns=bindparam("now"))
 )
 
-# Parent of each pool seen by this process. Only a hint for lock_chains, which
-# checks every locked row against it; pool moves are rare, lookups are constant.
-_parents: dict[str, str | None] = {}
-
-
-def chain_ids(conn: Connection, pool_id: str) -> list[str]:
-    """Ids of ``pool_id`` and its ancestors, root first (O(depth) primary-key reads).
-
-    Measured here, a read per level beats one recursive CTE until trees are
-    far deeper than pools get (2 levels: 190 us against 700 us).
-    """
-    ids: list[str] = []
-    current: str | None = pool_id
-    while current is not None:
-        parent = _PARENT.execute(conn, {"pid": current}).fetchone()
-        if parent is None:
-            raise NotFound(f"no pool {current}")
-        ids.append(current)
-        _parents[current] = parent[0]
-        current = parent[0]
-    ids.reverse()
-    return ids
-
-
 _NAME = Prepared(select(POOLS.c.name).where(POOLS.c.id == bindparam("pid")))
 
 
-def pool_path(conn: Connection, pool_id: str) -> str:
-    """The pool's path of names, root first (``tenants/acme``)."""
-    ids = chain_ids(conn, pool_id)
-    return "/".join(_NAME.execute(conn, {"pid": pid}).fetchone()[0] for pid in ids)
+class Chains:
+    """Finds and locks pool chains, remembering the tree's shape between transactions.
+
+    What it remembers (each pool's parent, as last seen in this catalog) is only
+    a hint: every locked row is checked against it, so a pool moved by another
+    process costs a retry, never a wrong charge. One per ``Velocity``, so two
+    catalogs in one process never share hints.
+    """
+
+    def __init__(self) -> None:
+        self._parents: dict[str, str | None] = {}
+
+    def ids(self, conn: Connection, pool_id: str) -> list[str]:
+        """Ids of ``pool_id`` and its ancestors, root first (O(depth) primary-key reads).
+
+        Measured here, a read per level beats one recursive CTE until trees are
+        far deeper than pools get (2 levels: 190 us against 700 us).
+        """
+        ids: list[str] = []
+        current: str | None = pool_id
+        while current is not None:
+            parent = _PARENT.execute(conn, {"pid": current}).fetchone()
+            if parent is None:
+                raise NotFound(f"no pool {current}")
+            ids.append(current)
+            self._parents[current] = parent[0]
+            current = parent[0]
+        ids.reverse()
+        return ids
+
+    def path(self, conn: Connection, pool_id: str) -> str:
+        """The pool's path of names, root first (``tenants/acme``)."""
+        names = []
+        for pid in self.ids(conn, pool_id):
+            row = _NAME.execute(conn, {"pid": pid}).fetchone()
+            if row is None:
+                raise NotFound(f"no pool {pid}")
+            names.append(row[0])
+        return "/".join(names)
+
+    def _remembered(self, pool_id: str) -> list[str] | None:
+        ids: list[str] = []
+        current: str | None = pool_id
+        while current is not None:
+            if current not in self._parents or len(ids) > 256:
+                return None
+            ids.append(current)
+            current = self._parents[current]
+        ids.reverse()
+        return ids
+
+    def lock(self, conn: Connection, *pool_ids: str) -> list[list[Link]]:
+        """Lock the ancestor chains of ``pool_ids`` root-first; return each chain, root first.
+
+        Rows are locked in order of (depth, id) across all chains, one global order
+        that every transaction of the ledger follows. A pool on several chains is
+        one ``Link``, so charges to overlapping chains add up. The chains come from
+        what is remembered of the tree when they can, and every locked row is
+        checked against them: a pool moved meanwhile means looking the chain up
+        again. In a batch (``Database.batched``) the links read are remembered
+        until it commits: nothing but its own units, which keep them current, can
+        change them.
+        """
+        memo = conn.info.get(BATCH_MEMO)
+        while True:
+            chains = [self._remembered(pid) or self.ids(conn, pid) for pid in pool_ids]
+            if memo is not None and all(pid in memo for chain in chains for pid in chain):
+                return [[memo[pid] for pid in chain] for chain in chains]
+            order = sorted({(depth, pid) for chain in chains for depth, pid in enumerate(chain)})
+            wanted = [pid for _depth, pid in order]
+            links = _read_links(conn, wanted)
+            for pid in wanted:
+                if pid not in links:
+                    self._parents.pop(pid, None)
+                    raise NotFound(f"no pool {pid}")
+            current = all(
+                links[pid].parent_id == (chain[i - 1] if i else None)
+                for chain in chains
+                for i, pid in enumerate(chain)
+            )
+            if current:
+                if memo is not None:
+                    memo.update(links)
+                    links = memo
+                return [[links[pid] for pid in chain] for chain in chains]
+            for pid, link in links.items():
+                self._parents[pid] = link.parent_id
 
 
 def chain_path(chain: Sequence[Link]) -> str:
     """The path of names of a chain's last pool, from its links (no query)."""
     return "/".join(link.name for link in chain)
-
-
-def _remembered_chain(pool_id: str) -> list[str] | None:
-    ids: list[str] = []
-    current: str | None = pool_id
-    while current is not None:
-        if current not in _parents or len(ids) > 256:
-            return None
-        ids.append(current)
-        current = _parents[current]
-    ids.reverse()
-    return ids
-
-
-def lock_chains(conn: Connection, *pool_ids: str) -> list[list[Link]]:
-    """Lock the ancestor chains of ``pool_ids`` root-first; return each chain, root first.
-
-    Rows are locked in order of (depth, id) across all chains, one global order
-    that every transaction of the ledger follows. A pool on several chains is
-    one ``Link``, so charges to overlapping chains add up. The chains come from
-    what this process remembers of the tree when it can, and every locked row
-    is checked against them: a pool moved meanwhile means looking the chain up
-    again, so a stale memory costs a retry, never a wrong charge. In a batch
-    (``Database.batched``) the links read are remembered until it commits:
-    nothing but its own units, which keep them current, can change them.
-    """
-    memo = conn.info.get(BATCH_MEMO)
-    while True:
-        chains = [_remembered_chain(pid) or chain_ids(conn, pid) for pid in pool_ids]
-        if memo is not None and all(pid in memo for chain in chains for pid in chain):
-            return [[memo[pid] for pid in chain] for chain in chains]
-        order = sorted({(depth, pid) for chain in chains for depth, pid in enumerate(chain)})
-        links = _read_links(conn, [pid for _depth, pid in order])
-        current = all(
-            links[pid].parent_id == (chain[i - 1] if i else None)
-            for chain in chains
-            for i, pid in enumerate(chain)
-        )
-        if current:
-            if memo is not None:
-                memo.update(links)
-                links = memo
-            return [[links[pid] for pid in chain] for chain in chains]
-        for pid, link in links.items():
-            _parents[pid] = link.parent_id
 
 
 def serialised(conn: Connection) -> bool:
@@ -189,7 +203,8 @@ def serialised(conn: Connection) -> bool:
 
 
 def _read_links(conn: Connection, pool_ids: list[str]) -> dict[str, Link]:
-    """The pools' rows, locked in the order given (one read where nothing needs locking)."""
+    """The pools' rows, locked in the order given (one read where nothing needs locking);
+    a pool that does not exist is left out."""
     if not pool_ids:
         return {}
     if serialised(conn):
@@ -199,10 +214,8 @@ def _read_links(conn: Connection, pool_ids: list[str]) -> dict[str, Link]:
     links: dict[str, Link] = {}
     for pid in pool_ids:
         row = rows.get(pid)
-        if row is None:
-            _parents.pop(pid, None)
-            raise NotFound(f"no pool {pid}")
-        links[pid] = Link(*row)
+        if row is not None:
+            links[pid] = Link(*row)
     return links
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from sqlalchemy import delete, func, select, update
 
 from velocityfs.catalog.models import DEFAULT_VOLUME, Grant, Holder, Media, Pool, XAttr
-from velocityfs.service.chains import adjust, lock_chains
+from velocityfs.service.chains import adjust
 from velocityfs.service.pools import subtree_ids
 from velocityfs.service.removals import record_removals
 from velocityfs.service.velocity import Velocity
@@ -164,7 +164,7 @@ class Fsck:
             if media is None:
                 return
             conn = s.connection()
-            (chain,) = lock_chains(conn, media.pool_id)
+            (chain,) = self.v.chains.lock(conn, media.pool_id)
             adjust(conn, chain, -media.size)
             s.execute(delete(XAttr).where(XAttr.owner_id == media_id))
             record_removals(conn, "media", [media_id])
@@ -179,7 +179,7 @@ class Fsck:
             if media is None:
                 return
             conn = s.connection()
-            (chain,) = lock_chains(conn, media.pool_id)
+            (chain,) = self.v.chains.lock(conn, media.pool_id)
             adjust(conn, chain, size - media.size)
             media.size = size
 

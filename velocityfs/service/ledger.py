@@ -27,10 +27,11 @@ from sqlalchemy import (
     update,
 )
 
+from velocityfs.catalog.database import Database
 from velocityfs.catalog.models import Grant, Holder, Media, new_id
 from velocityfs.catalog.prepared import Prepared
 from velocityfs.errors import NotFound, QuotaExceeded
-from velocityfs.service.chains import Link, charge, lock_chains, room, serialised
+from velocityfs.service.chains import Chains, Link, charge, room, serialised
 
 GRANT_CHUNK = 64 << 20
 DEFAULT_LEASE_S = 30.0
@@ -88,6 +89,8 @@ _GRANT_BY_ID = select(GRANTS.c.pool_id, GRANTS.c.media_id, GRANTS.c.bytes).where
     GRANTS.c.id == bindparam("gid")
 )
 _INSERT_GRANT = Prepared(insert(GRANTS))
+# Many rows at once (executemany) go through SQLAlchemy: ``Prepared`` runs one row.
+_INSERT_GRANTS = insert(GRANTS)
 
 
 def grant_row(pool_id: str, media_id: str | None, holder_id: str, nbytes: int = 0) -> dict:
@@ -112,7 +115,7 @@ def add_grant(
 
 
 def lock_media_rows(
-    conn: Connection, media_ids: Sequence[str]
+    conn: Connection, chains_of: Chains, media_ids: Sequence[str]
 ) -> tuple[dict[str, Row], dict[str, list[Link]]]:
     """Media rows (as ``media_row``) and their pools' chains, locked root-first.
 
@@ -126,7 +129,7 @@ def lock_media_rows(
     rows = {r.id: r for r in conn.execute(_MEDIA_ROWS, params)}
     while True:
         pool_ids = sorted({r.pool_id for r in rows.values()})
-        chains = dict(zip(pool_ids, lock_chains(conn, *pool_ids), strict=True))
+        chains = dict(zip(pool_ids, chains_of.lock(conn, *pool_ids), strict=True))
         if serialised(conn):
             return rows, chains
         rows = {r.id: r for r in conn.execute(_MEDIA_ROWS, params)}
@@ -142,9 +145,9 @@ def media_row(conn: Connection, media_id: str) -> Row:
     return row
 
 
-def lock_media(conn: Connection, media_id: str) -> tuple[Row, list[Link]]:
+def lock_media(conn: Connection, chains_of: Chains, media_id: str) -> tuple[Row, list[Link]]:
     """One media row and its pool chain, locked as ``lock_media_rows`` does."""
-    rows, chains = lock_media_rows(conn, [media_id])
+    rows, chains = lock_media_rows(conn, chains_of, [media_id])
     row = rows.get(media_id)
     if row is None:
         raise NotFound(f"no media {media_id}")
@@ -171,8 +174,11 @@ def grant_size(need: int, available: int, chunk: int) -> int:
 class Ledger:
     """Grant lifecycle, each call one transaction on the catalog."""
 
-    def __init__(self, database, lease_s: float = DEFAULT_LEASE_S) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self, database: Database, chains: Chains, lease_s: float = DEFAULT_LEASE_S
+    ) -> None:
         self.db = database
+        self.chains = chains
         self.lease_ns = int(lease_s * 1_000_000_000)
 
     def reserve(
@@ -190,7 +196,7 @@ class Ledger:
         short write); without it, or when nothing fits, QuotaExceeded.
         """
         with self.db.statements() as conn:
-            media, chain = lock_media(conn, media_id)
+            media, chain = lock_media(conn, self.chains, media_id)
             available = room(chain)
             if available == 0 or (available < need and not partial):
                 raise QuotaExceeded(f"pool '{chain[-1].name}': {available} bytes left")
@@ -235,7 +241,7 @@ class Ledger:
         """
         ids = [st.media_id for st in settlements]
         with self.db.unit() as conn:
-            media, chains = lock_media_rows(conn, ids)
+            media, chains = lock_media_rows(conn, self.chains, ids)
             grants = {
                 g.media_id: g
                 for g in conn.execute(_HOLDER_GRANTS, {"ids": ids, "holder": holder_id})
@@ -263,7 +269,7 @@ class Ledger:
             for statement, params in (
                 (_SET_SIZE, sizes),
                 (_SET_GRANT, kept),
-                (_INSERT_GRANT, added),
+                (_INSERT_GRANTS, added),
             ):
                 if params:
                     conn.execute(statement, params)
@@ -303,7 +309,7 @@ class Ledger:
         one, or ``grant_id`` grown) and the bytes added.
         """
         with self.db.statements() as conn:
-            (chain,) = lock_chains(conn, pool_id)
+            (chain,) = self.chains.lock(conn, pool_id)
             available = room(chain)
             if available < need:
                 raise QuotaExceeded(f"pool '{chain[-1].name}': {available} bytes left")
@@ -320,7 +326,7 @@ class Ledger:
             grant = conn.execute(_GRANT_BY_ID, {"gid": grant_id}).first()
             if grant is None:
                 return
-            (chain,) = lock_chains(conn, grant.pool_id)
+            (chain,) = self.chains.lock(conn, grant.pool_id)
             charge(conn, chain, -grant.bytes)
             conn.execute(_DROP_GRANTS, {"gids": [grant_id]})
 
@@ -407,7 +413,7 @@ class Ledger:
                 grant = conn.execute(_GRANT_BY_ID, {"gid": grant_id}).first()
                 if grant is None:
                     continue
-                (chain,) = lock_chains(conn, grant.pool_id)
+                (chain,) = self.chains.lock(conn, grant.pool_id)
                 media = None
                 if grant.media_id is not None:
                     media = conn.execute(_MEDIA_ROWS, {"ids": [grant.media_id]}).first()

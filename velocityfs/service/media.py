@@ -13,11 +13,10 @@ from velocityfs.catalog.models import DEFAULT_VOLUME, Media, Pool, XAttr, new_id
 from velocityfs.catalog.prepared import Prepared
 from velocityfs.errors import Conflict, InvalidValue, NotFound
 from velocityfs.service.chains import (
+    Chains,
     Link,
     chain_path,
     charge,
-    lock_chains,
-    pool_path,
     room,
     serialised,
     touch,
@@ -116,9 +115,11 @@ class MediaService:
         self,
         database: Database,
         backing: BackingStore,
+        chains: Chains,
         placement: Placement | None = None,
     ) -> None:
         self.db = database
+        self.chains = chains
         self.backing = backing
         self._placement = placement or (lambda _conn, _path, _name, _creator: DEFAULT_VOLUME)
         self._journal: CreateJournal | None = None
@@ -244,7 +245,7 @@ class MediaService:
         made: tuple[str, str] | None = None  # the backing file, while this create has one
         try:
             with self.db.batched() if journal else self.db.statements() as conn:
-                (chain,) = lock_chains(conn, pool_id)
+                (chain,) = self.chains.lock(conn, pool_id)
                 if name_taken(conn, pool_id, name):
                     raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
                 # In the unit, on its connection: asking the policy must not commit a batch.
@@ -291,7 +292,7 @@ class MediaService:
                 if on_disk is None or conn.execute(_EXISTS, {"mid": media_id}).first():
                     continue
                 try:
-                    (chain,) = lock_chains(conn, pool_id)
+                    (chain,) = self.chains.lock(conn, pool_id)
                 except NotFound:
                     self.backing.remove(volume, media_id)
                     continue
@@ -328,7 +329,7 @@ class MediaService:
         check_name(name, "file name")
         row = _new_row(media_id, pool_id, name, size, volume)
         with self.db.statements() as conn:
-            (chain,) = lock_chains(conn, pool_id)
+            (chain,) = self.chains.lock(conn, pool_id)
             if name_taken(conn, pool_id, name):
                 raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
             held = conn.execute(select(GRANTS.c.bytes).where(GRANTS.c.id == grant_id)).scalar()
@@ -345,7 +346,7 @@ class MediaService:
         """The volume that new media of this pool, name and creator goes to."""
         with self.db.reading() as s:
             conn = s.connection()
-            return self._placement(conn, pool_path(conn, pool_id), name, creator)
+            return self._placement(conn, self.chains.path(conn, pool_id), name, creator)
 
     def get(self, media_id: str) -> MediaView:
         with self.db.transaction() as s:
@@ -383,7 +384,7 @@ class MediaService:
         """
         with self.db.statements() as conn:
             # Sizes as of the locks, not before.
-            rows, chains = lock_media_rows(conn, media_ids)
+            rows, chains = lock_media_rows(conn, self.chains, media_ids)
             if rows:
                 self._drop(conn, list(rows.values()), chains)
         for row in rows.values():
@@ -422,7 +423,7 @@ class MediaService:
             while True:
                 # Both chains together, root-first; the row is read again under them
                 # where another transaction could have moved it meanwhile (not SQLite).
-                old_chain, new_chain = lock_chains(conn, media.pool_id, pool_id)
+                old_chain, new_chain = self.chains.lock(conn, media.pool_id, pool_id)
                 if serialised(conn):
                     break
                 media = media_row(conn, media_id)

@@ -18,7 +18,7 @@ from velocityfs.errors import (
     QuotaAboveAncestor,
     QuotaBelowUsage,
 )
-from velocityfs.service.chains import Link, chain_ids, charge, lock_chains, pool_path, room, touch
+from velocityfs.service.chains import Chains, Link, charge, room, touch
 from velocityfs.service.names import check_name
 from velocityfs.service.removals import record_removals
 from velocityfs.service.views import PoolView, apply_attrs
@@ -97,8 +97,14 @@ def subtree_ids(session: Session, pool_id: str) -> list[str]:
 class PoolService:
     """Pool operations; each public method is one transaction."""
 
-    def __init__(self, database: Database, on_media_removed: Callable[[list], None]) -> None:
+    def __init__(
+        self,
+        database: Database,
+        chains: Chains,
+        on_media_removed: Callable[[list[tuple[str, str]]], None],
+    ) -> None:
         self.db = database
+        self.chains = chains
         self._on_media_removed = on_media_removed
 
     def create(
@@ -127,7 +133,7 @@ class PoolService:
                     raise Conflict(f"a root pool named '{name}' exists")
             else:
                 conn = s.connection()
-                (chain,) = lock_chains(conn, parent_id)
+                (chain,) = self.chains.lock(conn, parent_id)
                 check_quota_fits(chain, quota_bytes)
                 if name_taken(conn, parent_id, name):
                     raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
@@ -178,18 +184,18 @@ class PoolService:
     def path(self, pool_id: str) -> str:
         """The pool's path of names (``tenants/acme``)."""
         with self.db.reading() as s:
-            return pool_path(s.connection(), pool_id)
+            return self.chains.path(s.connection(), pool_id)
 
     def available(self, pool_id: str) -> int:
         """The room really left: the minimum over the pool and all its ancestors."""
         with self.db.transaction() as s:
-            (chain,) = lock_chains(s.connection(), pool_id)
+            (chain,) = self.chains.lock(s.connection(), pool_id)
             return room(chain)
 
     def set_quota(self, pool_id: str, quota_bytes: int | None) -> PoolView:
         """Change a quota; refused above an ancestor's, below a subpool's, or below usage."""
         with self.db.transaction() as s:
-            (chain,) = lock_chains(s.connection(), pool_id)
+            (chain,) = self.chains.lock(s.connection(), pool_id)
             link = chain[-1]
             if quota_bytes is None:
                 if link.parent_id is None:
@@ -239,10 +245,12 @@ class PoolService:
             if pool.parent_id is None:
                 raise InvalidValue("root pools cannot be renamed or moved")
             conn = s.connection()
-            if pool_id in chain_ids(conn, new_parent_id):
+            if pool_id in self.chains.ids(conn, new_parent_id):
                 raise InvalidValue("a pool cannot move below itself")
             # The pool's own row too: its usage, read under the lock, is what moves.
-            old_chain, new_chain, own = lock_chains(conn, pool.parent_id, new_parent_id, pool_id)
+            old_chain, new_chain, own = self.chains.lock(
+                conn, pool.parent_id, new_parent_id, pool_id
+            )
             if name_taken(conn, new_parent_id, new_name):
                 raise Conflict(f"'{new_name}' already exists in pool '{new_chain[-1].name}'")
             now = time.time_ns()
@@ -269,7 +277,7 @@ class PoolService:
             # Lock the pool itself too: every change below it locks it, so its usage,
             # subpools and media read after this stay current until the commit.
             conn = s.connection()
-            (chain,) = lock_chains(conn, pool_id)
+            (chain,) = self.chains.lock(conn, pool_id)
             pool = chain[-1]
             ids = subtree_ids(s, pool_id)
             media_rows = s.execute(

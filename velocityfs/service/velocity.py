@@ -11,6 +11,7 @@ from velocityfs.catalog.database import Database
 from velocityfs.catalog.schema import revisions, upgrade
 from velocityfs.errors import VelocityError
 from velocityfs.service.accounts import DEFAULT_AUTHKEY_LIFETIME_S, AccountService
+from velocityfs.service.chains import Chains
 from velocityfs.service.changes import ChangeFeed
 from velocityfs.service.ledger import DEFAULT_LEASE_S, Ledger
 from velocityfs.service.media import MediaService, XAttrs
@@ -52,12 +53,15 @@ class Velocity:
     ) -> None:
         self.db = Database(catalog_url)
         self.backing = BackingStore(store_top)
-        self.ledger = Ledger(self.db, lease_s)
+        self.chains = Chains()
+        self.ledger = Ledger(self.db, self.chains, lease_s)
         self.volumes = VolumeService(self.db, self.backing)
         self.policy = VolumePolicy(volume_policy)
-        self.media = MediaService(self.db, self.backing, placement=self.place)
-        self.pools = PoolService(self.db, on_media_removed=self.media.delete_orphan_files)
-        self.accounts = AccountService(self.db, authkey_lifetime_s)
+        self.media = MediaService(self.db, self.backing, self.chains, placement=self.place)
+        self.pools = PoolService(
+            self.db, self.chains, on_media_removed=self.media.delete_orphan_files
+        )
+        self.accounts = AccountService(self.db, self.chains, authkey_lifetime_s)
         self.xattrs = XAttrs(self.db)
         self.changes = ChangeFeed(self.db, self.media)
 
