@@ -1,4 +1,4 @@
-"""Closes and unlinks reach the catalog in batches (fs.deferred), and nothing can tell.
+"""Closes and unlinks reach the catalog in batches (fs.grants), and nothing can tell.
 
 They only give room back, so the mount answers them from memory and commits
 them together a moment later. What must still hold: the catalog catches up on
@@ -18,9 +18,7 @@ import pytest
 import trio
 from support.bulk import BEYOND_ONE_STATEMENT, insert_media
 from support.fs import MIB, Catalog, sync_dir, used
-
-from velocityfs.fs.operations import VelocityOperations
-from velocityfs.threads import Offload
+from support.inprocess import filesystem
 
 CATCH_UP_S = 2.0  # far above the batch window (50 ms), for a loaded CI machine
 
@@ -169,14 +167,13 @@ def test_a_backlog_beyond_one_statement_still_commits(catalog):
     pool = catalog.pool("tenants")["pid"]
     v = catalog.v
     insert_media(v, pool)
-    ops = VelocityOperations(v, v.ledger.register_holder(), offload=Offload(1))
-    ops.load()
+    fs = filesystem(v, writer=False)
 
     async def rm_rf() -> None:
-        for node in list(ops.inodes.by_media.values()):
-            ops.deferred.unlink(node)
-            ops.inodes.detach(node)
-        await ops.deferred.commit()
+        for node in list(fs.inodes.by_media.values()):
+            fs.grants.unlinked(node)
+            fs.inodes.detach(node)
+        await fs.grants.commit()
 
     trio.run(rm_rf)
     assert v.pools.media_count(pool) == 0

@@ -59,3 +59,8 @@ class AuthenticationFailed(VelocityError):
 
 class NotSupported(VelocityError):
     """The operation does not exist in this model (hard links, symlinks, devices)."""
+
+
+class LeaseLost(VelocityError):
+    """This process was cut off from the catalog longer than its lease: another
+    process may have reclaimed its grants, so it must not write into them (EIO)."""

@@ -13,6 +13,7 @@ mount, 503 in the API). Memory-served requests never wait for it.
 
 import functools
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -31,9 +32,17 @@ class CatalogUnavailable(Exception):
     """The catalog did not answer within the configured time."""
 
 
+# SQLite's primary result codes for a database file that cannot be reached: its
+# disk failed or is gone. Its other OperationalErrors (a missing table, say) are
+# answers, not outages, and waiting would not change them.
+_SQLITE_AWAY = frozenset({sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN})
+
+
 def _is_connection_error(exc: DBAPIError) -> bool:
     if exc.connection_invalidated:
         return True
+    if isinstance(exc.orig, sqlite3.Error):
+        return exc.orig.sqlite_errorcode & 0xFF in _SQLITE_AWAY
     name = type(exc.orig).__name__ if exc.orig is not None else ""
     return name in ("OperationalError", "InterfaceError") and "locked" not in str(exc.orig)
 

@@ -62,7 +62,7 @@ def mount(
 
     Unset options come from the configuration file.
     """
-    from velocityfs.fs.daemon import run_mount
+    from velocityfs.daemon import run_mount
 
     settings = ctx.settings
     mountpoint = mountpoint or settings.mountpoint
@@ -89,10 +89,10 @@ def mount(
 @service_errors
 def serve(ctx: Context, bind: str | None, log_level: str | None) -> None:
     """Serve the HTTP API alone against the catalog (no mount in this process)."""
-    from velocityfs.api.server import run_standalone
+    from velocityfs.daemon import run_serve
 
     setup_logging(log_level or ctx.settings.log_level)
-    run_standalone(
+    run_serve(
         ctx.velocity(),
         bind or ctx.settings.api_listen or "127.0.0.1:8080",
         ctx.settings.catalog_timeout_s,

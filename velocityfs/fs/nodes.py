@@ -2,7 +2,8 @@
 
 Lookups, getattr, readdir, read and write are answered from these nodes
 without SQL; every change goes through the service first and is mirrored
-here only once it has committed.
+here only once it has committed. A media node's write state (its size,
+grant, lease and lock) is changed by ``fs.grants`` alone.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ from dataclasses import dataclass, field
 import trio
 
 from velocityfs.service.views import MediaView, PoolView
-
-# The time of a change this mount is still making (see VelocityOperations.touched).
-IN_FLIGHT = 1 << 62
 
 
 @dataclass(eq=False)
@@ -66,11 +64,16 @@ class DirNode(Node):
 class MediaNode(Node):
     """A media file and the state of writers on it.
 
-    ``settled`` is the size the catalog records; ``charged`` is what the
-    ledger charges for it on behalf of this mount (settled size plus our
-    grant). Writes up to ``charged`` need no SQL; ``size`` never exceeds it.
-    ``held`` says the catalog has our grant row, which marks the media open
-    for writing here (volume moves wait for it to go).
+    The write state, changed only by ``fs.grants`` (docs/architecture.md,
+    "The write state"): ``size`` is the file's size here; ``settled`` is the
+    size the catalog records; ``charged`` is what the ledger charges for it
+    on behalf of this mount (settled size plus our grant). Writes up to
+    ``charged`` need no SQL; ``size`` never exceeds it. ``held`` says the
+    catalog has our grant row, which marks the media open for writing here
+    (volume moves wait for it to go); ``dirty`` that the mtime or bytes
+    changed since the last settle; ``writers`` counts handles open for
+    writing; ``lock`` serialises the catalog calls that change the grant.
+    ``open_count`` (every handle) is the operations' bookkeeping.
     """
 
     media_id: str = ""
@@ -99,13 +102,11 @@ class MediaNode(Node):
         return self.held or self.dirty or self.size != self.settled or self.granted != 0
 
     def update(self, view: MediaView) -> None:
-        """Take the catalog's view, keeping local write state of an open file."""
+        """Take the catalog's metadata (its size is for ``Grants.adopt`` to take)."""
         self.name = view.name
         self.mode, self.uid, self.gid = view.mode, view.uid, view.gid
         self.atime_ns, self.mtime_ns, self.ctime_ns = view.atime_ns, view.mtime_ns, view.ctime_ns
         self.open_path = view.open_path
-        if self.open_count == 0:
-            self.size = self.settled = self.charged = view.size
 
 
 class Inodes:
