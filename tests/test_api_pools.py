@@ -20,7 +20,7 @@ from support.api import (
 )
 
 JSON = {"content-type": "application/json"}
-# The six permissions of the seed document plus media.read and media.write (DESIGN.md).
+# The six permissions of docs/pool-management-api.md plus media.read and media.write.
 ALL_PERMISSIONS = sorted(
     f"velocity.pool.{p}"
     for p in ("view", "create", "remove", "media.view", "media.create", "media.remove")

@@ -23,7 +23,7 @@ from support.api import (
 PASSWORD = "op's s3cret passphrase"
 OPS_PERMISSIONS = ["view", "create", "remove", "media.view", "media.create", "media.remove"]
 
-# The endpoints and statuses of seeds/pool-management-api.md, plus the shim's /u/auth;
+# The endpoints and statuses of docs/pool-management-api.md, plus the shim's /u/auth;
 # the served document must describe at least these.
 SEED_STATUSES = {
     ("/u/auth", "post"): {200, 400, 403},

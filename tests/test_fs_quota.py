@@ -1,7 +1,7 @@
 """Quotas through the mount: dd to ENOSPC, concurrent writers, short writes,
 truncate, fallocate and qemu-img.
 
-The invariant under test (DESIGN.md, Quotas): for every pool P at every instant
+The invariant under test (docs/architecture.md, Quotas): for every pool P at every instant
 used(P) <= quota(P), where used counts apparent sizes plus outstanding grants;
 after every writer closed, used equals the sum of the file sizes exactly.
 """

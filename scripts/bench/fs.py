@@ -45,6 +45,9 @@ the copy measures the destination's write path, not the source disk.
 
 Run as root (FUSE mounts, drop_caches), from the repository:
 ``.venv/bin/python scripts/bench/fs.py --size-mib 1024 --files 5000 --entries 20000``.
+To compare two builds, measure software only: ``--memory`` puts every target on a
+tmpfs, where the disk's write-back (3x between samples here) cannot move the rows,
+and run the two builds alternately, several times each.
 Nothing is left mounted on exit, Ctrl-C included; the work directory is removed unless
 ``--keep``.
 """
@@ -516,8 +519,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--workdir",
         type=Path,
-        help="parent of the temporary work directory; must be a real disk, not tmpfs "
-        "(default: ./var/bench in the repository, else /var/tmp)",
+        help="parent of the temporary work directory; a real disk, not tmpfs, unless "
+        "--memory (default: ./var/bench in the repository, else /var/tmp)",
     )
     p.add_argument(
         "--only",
@@ -527,6 +530,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="GROUP",
         help="run only these groups of rows, so that a noisy row can be repeated more "
         f"often in the same time ({', '.join(GROUPS)}; default: all)",
+    )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="put every target on a tmpfs (default /dev/shm/velocityfs-bench) instead of a "
+        "disk: only software is measured, without the disk's write-back noise, so two "
+        "builds compare; cold reads are then reads from memory",
     )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     p.add_argument(
@@ -543,8 +553,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def pick_workdir_parent(requested: Path | None) -> Path:
-    candidates = [requested] if requested else [REPO / "var" / "bench", Path("/var/tmp")]
+def pick_workdir_parent(requested: Path | None, *, memory: bool = False) -> Path:
+    if memory:
+        candidates = [requested or Path("/dev/shm/velocityfs-bench")]
+    else:
+        candidates = [requested] if requested else [REPO / "var" / "bench", Path("/var/tmp")]
     for candidate in candidates:
         try:
             candidate.mkdir(parents=True, exist_ok=True)
@@ -552,10 +565,12 @@ def pick_workdir_parent(requested: Path | None) -> Path:
             log(f"cannot use {candidate}: {exc}")
             continue
         kind = fs_type(candidate)
-        if kind in MEMORY_FILESYSTEMS:
-            log(f"{candidate} is on {kind}, not a disk; skipping")
+        if (kind in MEMORY_FILESYSTEMS) != memory:
+            log(f"{candidate} is on {kind}; skipping")
             continue
         return candidate.resolve()
+    if memory:
+        raise SystemExit("bench: --memory needs a work directory on tmpfs (--workdir)")
     raise SystemExit("bench: no work directory on a real disk (try --workdir on one)")
 
 
@@ -858,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("mergerfs", "fusermount3", "cp", "ls", "stat"):
         if shutil.which(tool) is None:
             raise SystemExit(f"bench: {tool} is not installed")
-    parent = pick_workdir_parent(args.workdir)
+    parent = pick_workdir_parent(args.workdir, memory=args.memory)
     check_space(parent, args)
     # Ctrl-C, kill and a closed terminal all unwind through the teardown below (SIGINT
     # too when started in the background, where the shell would have it ignored).

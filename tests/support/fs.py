@@ -86,7 +86,7 @@ def vattr(path: str | os.PathLike[str], key: str) -> str:
 
 
 def sync_dir(path: str | os.PathLike[str]) -> None:
-    """fsync on a pool: the mount commits the closes and unlinks it batches (fs.deferred),
+    """fsync on a pool: the mount commits the closes and unlinks it batches (fs.grants),
     so the catalog read next by another process is exact."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -2,7 +2,7 @@
 
 Handlers parse the request, call ``service.access`` through the shared
 offload (never SQL on the loop), and translate results and refusals into
-the JSON and status codes of ``seeds/pool-management-api.md``.
+the JSON and status codes of ``docs/pool-management-api.md``.
 """
 
 from __future__ import annotations
