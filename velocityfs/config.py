@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -91,14 +91,16 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def problems_of(values: dict[str, Any], *, policy: bool = True) -> list[str]:
+def problems_of(values: Mapping[str, object], *, policy: bool = True) -> list[str]:
     """Every problem with a parsed configuration, one human sentence each.
 
     With ``policy`` a volume policy that does not parse is one of them.
     """
     found = []
     known = {f.name for f in fields(Settings)}
-    typed = {}  # the values whose type is right: only those can be checked further
+    # The values whose type is right: only those can be checked further (the
+    # isinstance tests below only tell the type checker what was checked here).
+    typed: dict[str, object] = {}
     for key, value in values.items():
         if key not in known:
             found.append(f"unknown key '{key}'")
@@ -109,27 +111,30 @@ def problems_of(values: dict[str, Any], *, policy: bool = True) -> list[str]:
             found.append(f"'{key}' must be {wanted}, not {type(value).__name__}")
             continue
         typed[key] = value
-    values = typed
-    if "catalog" in values:
+    catalog = typed.get("catalog")
+    if isinstance(catalog, str):
         try:
-            url = make_url(values["catalog"])
+            url = make_url(catalog)
             if url.get_backend_name() not in ("sqlite", "postgresql"):
                 found.append(f"'catalog' must be a sqlite or postgresql URL, not {url.drivername}")
         except ArgumentError:
-            found.append(f"'catalog' is not a database URL: {values['catalog']!r}")
-    if values.get("api_listen"):
-        host, _, port = values["api_listen"].rpartition(":")
+            found.append(f"'catalog' is not a database URL: {catalog!r}")
+    api_listen = typed.get("api_listen")
+    if isinstance(api_listen, str) and api_listen:
+        host, _, port = api_listen.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            found.append(f"'api_listen' must be HOST:PORT, not {values['api_listen']!r}")
-    level = values.get("log_level", "INFO")
-    if not isinstance(logging.getLevelName(level.upper()), int):
+            found.append(f"'api_listen' must be HOST:PORT, not {api_listen!r}")
+    level = typed.get("log_level", "INFO")
+    if isinstance(level, str) and not isinstance(logging.getLevelName(level.upper()), int):
         found.append(f"'log_level' must be DEBUG, INFO, WARNING or ERROR, not {level!r}")
     for key in ("authkey_lifetime_s", "attr_timeout_s", "lease_s", "catalog_timeout_s"):
-        if key in values and values[key] < 0:
+        number = typed.get(key)
+        if isinstance(number, int | float) and number < 0:
             found.append(f"'{key}' must not be negative")
-    if policy and "volume_policy" in values:
+    volume_policy = typed.get("volume_policy")
+    if policy and isinstance(volume_policy, str):
         try:
-            parse(values["volume_policy"])
+            parse(volume_policy)
         except VelocityError as exc:
             found.append(f"'volume_policy': {exc}")
     return found

@@ -27,6 +27,7 @@ from contextvars import ContextVar
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 # A committing connection still checkpoints once the log has this many pages (40 MiB):
@@ -51,7 +52,7 @@ BATCH_MEMO = "velocityfs.batch_memo"
 
 def _tune_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
         # Take transaction control from the driver so that BEGIN IMMEDIATE is ours.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -63,13 +64,13 @@ def _tune_sqlite(engine: Engine) -> None:
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
+    def _on_begin(connection: Connection) -> None:
         # Straight to the driver: through exec_driver_sql this one statement cost
         # 40 us of every transaction, as much as the rest of the statements' SQL.
         # A plain BEGIN for reads: in WAL mode a snapshot, no lock that writers wait for.
         statement = "BEGIN" if _begin_to_read.get() else "BEGIN IMMEDIATE"
         try:
-            connection.connection.driver_connection.execute(statement)
+            _sqlite_driver(connection.connection).execute(statement)
         except sqlite3.Error as exc:
             raise OperationalError(statement, None, exc) from exc
 
@@ -160,7 +161,7 @@ class Database:
             if self._batch is None:
                 self._batch = self._begin_batch(wait=True)
             assert self._batch is not None
-            driver = self._batch.connection.driver_connection
+            driver = _sqlite_driver(self._batch.connection)
             _driver_execute(driver, "SAVEPOINT unit")
             self._in_unit = True
             try:
@@ -197,7 +198,7 @@ class Database:
 
     def _begin_batch(self, *, wait: bool) -> Connection | None:
         conn = self.engine.connect()
-        driver = conn.connection.driver_connection
+        driver = _sqlite_driver(conn.connection)
         try:
             if not wait:
                 _driver_execute(driver, "PRAGMA busy_timeout=0")
@@ -246,7 +247,8 @@ class Database:
         with self._batch_lock:
             if self._in_unit:
                 raise RuntimeError("a unit of work of the batch started another one")
-            conn, self._batch = self._batch, None
+            # Another thread may have committed it since the look above.
+            conn = self._take_batch()
             if conn is None:
                 return
             try:
@@ -264,6 +266,11 @@ class Database:
                 for hook in self._on_batch_commit:
                     hook()
 
+    def _take_batch(self) -> Connection | None:
+        """Detach the batch connection, if any (under ``_batch_lock``)."""
+        conn, self._batch = self._batch, None
+        return conn
+
     def checkpoint(self) -> None:
         """Copy SQLite's write-ahead log into the database file, as far as readers allow.
 
@@ -273,7 +280,7 @@ class Database:
             return
         connection = self.engine.raw_connection()
         try:
-            connection.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            _sqlite_driver(connection).execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         finally:
             connection.close()
 
@@ -284,6 +291,14 @@ class Database:
             self._batch.close()
             self._batch = None
         self.engine.dispose()
+
+
+def _sqlite_driver(connection: PoolProxiedConnection) -> sqlite3.Connection:
+    """The ``sqlite3`` connection under a pooled SQLite connection."""
+    driver = connection.driver_connection
+    if not isinstance(driver, sqlite3.Connection):
+        raise TypeError(f"not an open sqlite3 connection: {driver!r}")
+    return driver
 
 
 def _driver_execute(driver: sqlite3.Connection, statement: str) -> None:

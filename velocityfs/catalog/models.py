@@ -7,6 +7,7 @@ IDs are UUID strings, as in Velocity.
 
 import time
 import uuid
+from typing import TYPE_CHECKING, ClassVar
 
 from sqlalchemy import (
     BigInteger,
@@ -15,6 +16,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -31,6 +33,13 @@ def new_id() -> str:
 
 class Base(DeclarativeBase):
     """Declarative base of every catalog table."""
+
+    if TYPE_CHECKING:
+        # Every model here is declared with ``__tablename__``, so SQLAlchemy maps it
+        # to a ``Table`` (its stubs say ``FromClause``, which may also be a join or
+        # subquery): services use ``Model.__table__`` with ``insert``, ``update`` and
+        # ``delete``, which need a table.
+        __table__: ClassVar[Table]
 
 
 class Volume(Base):

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -9,7 +10,7 @@ from sqlalchemy import text
 
 from velocityfs.cli.context import Context, pass_ctx, service_errors
 from velocityfs.cli.output import emit_json, emit_table, mib
-from velocityfs.service.fsck import Fsck
+from velocityfs.service.fsck import Fsck, Problem
 
 
 @click.command()
@@ -36,7 +37,9 @@ def fsck(ctx: Context, repair: bool) -> None:
         raise SystemExit(1)
 
 
-def _walk(checker: Fsck, progress, repair: bool):  # type: ignore[no-untyped-def]
+def _walk(
+    checker: Fsck, progress: Callable[[int], None], repair: bool
+) -> Iterator[tuple[Problem, bool]]:
     """Repair as problems are found, so later checks (usage) see earlier repairs."""
     for problem in checker.run(progress):
         if repair and problem.repair is not None:
@@ -67,9 +70,11 @@ def status(ctx: Context, as_json: bool) -> None:
     holders = v.ledger.holders()
     volumes = v.volumes.all()
     tree = v.tree()
+    mounts = velocityfs_mounts()
+    url = v.db.engine.url.render_as_string()
     info = {
-        "mounts": velocityfs_mounts(),
-        "catalog": {"url": v.db.engine.url.render_as_string(), "revision": revision},
+        "mounts": mounts,
+        "catalog": {"url": url, "revision": revision},
         "holders": holders,
         "volumes": [vol.__dict__ for vol in volumes],
         "pools": [
@@ -85,8 +90,8 @@ def status(ctx: Context, as_json: bool) -> None:
     if as_json:
         emit_json(json.loads(json.dumps(info)))
         return
-    click.echo(f"catalog: {info['catalog']['url']} (schema {revision})")
-    click.echo(f"mounts:  {', '.join(info['mounts']) or 'none on this host'}")
+    click.echo(f"catalog: {url} (schema {revision})")
+    click.echo(f"mounts:  {', '.join(mounts) or 'none on this host'}")
     for holder in holders:
         click.echo(f"process: {holder['host']} pid {holder['pid']} ({holder['grants']} grants)")
     click.echo()

@@ -149,7 +149,7 @@ class AccountService:
             return [(u.id, u.name) for u in s.execute(select(User).order_by(User.name)).scalars()]
 
     @staticmethod
-    def _user(s, name: str) -> User:  # type: ignore[no-untyped-def]
+    def _user(s: Session, name: str) -> User:
         user = s.execute(select(User).where(User.name == name)).scalar_one_or_none()
         if user is None:
             raise NotFound(f"no user '{name}'")
@@ -193,7 +193,7 @@ class AccountService:
             return group.id if group is not None else self._group(s, name_or_id).id
 
     @staticmethod
-    def _group(s, name: str) -> Group:  # type: ignore[no-untyped-def]
+    def _group(s: Session, name: str) -> Group:
         group = s.execute(select(Group).where(Group.name == name)).scalar_one_or_none()
         if group is None:
             raise NotFound(f"no group '{name}'")
@@ -326,7 +326,7 @@ class AccountService:
             s.add(AuthKey(user_id=user.id, key_hash=_key_hash(authkey), expires_ns=expires))
             return IssuedKey(authkey, user.id, expires)
 
-    def _live_key(self, s, authkey: str) -> AuthKey:  # type: ignore[no-untyped-def]
+    def _live_key(self, s: Session, authkey: str) -> AuthKey:
         if not authkey:
             raise AuthenticationFailed("an authkey is required")
         row = s.execute(

@@ -15,6 +15,7 @@ rolled back. Media of a volume whose disk is not mounted are reported, never
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -40,7 +41,7 @@ class Problem:
 
     kind: str
     message: str
-    repair: Callable[[], None] | None
+    repair: Callable[[], object] | None
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.message}"
@@ -204,13 +205,13 @@ class Fsck:
                 yield Problem(
                     "orphan-file",
                     f"{path}: leftover of an interrupted move or link",
-                    lambda p=path: p.unlink(missing_ok=True),
+                    functools.partial(path.unlink, missing_ok=True),
                 )
             elif name not in known:
                 yield Problem(
                     "orphan-file",
                     f"{path}: no media {name} in the catalog",
-                    lambda p=path: p.unlink(missing_ok=True),
+                    functools.partial(path.unlink, missing_ok=True),
                 )
             elif (
                 volume != catalog_volume.get(name)
@@ -222,7 +223,7 @@ class Fsck:
                     "stray-copy",
                     f"{path}: a second copy of media {name}, which lives on "
                     f"{catalog_volume[name]} (a move was interrupted)",
-                    lambda p=path, v=catalog_volume[name], m=name: self._drop_stray(p, v, m),
+                    functools.partial(self._drop_stray, path, catalog_volume[name], name),
                 )
         dead = set(self.v.ledger.dead_holders())
         leftovers = [
@@ -238,7 +239,7 @@ class Fsck:
                 yield Problem(
                     kind,
                     f"{directory}: {what} of a process that is gone",
-                    lambda discard=discard, h=directory.name: discard(h),
+                    functools.partial(discard, directory.name),
                 )
         for holder_id in journals(self.backing.top):
             if holder_id in dead or not self._holder_exists(holder_id):
@@ -304,7 +305,7 @@ class Fsck:
                     "usage",
                     f"pool {self.v.pools.path(pool.id)}: used {pool.used_bytes} bytes recorded, "
                     f"{expected[pool.id]} counted",
-                    lambda p=pool.id, e=expected[pool.id]: self._set_usage(p, e),
+                    functools.partial(self._set_usage, pool.id, expected[pool.id]),
                 )
 
     def _set_usage(self, pool_id: str, used: int) -> None:

@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeAlias, TypedDict
 
 from sqlalchemy import (
     BigInteger,
@@ -38,6 +39,10 @@ DEFAULT_LEASE_S = 30.0
 
 GRANTS = Grant.__table__
 MEDIA = Media.__table__
+
+# A row of ``_MEDIA_ROWS``: id, pool_id, size, mtime_ns, volume. (Quoted: the column
+# types are Row's parameters from SQLAlchemy 2.1 on; 2.0 takes one tuple type.)
+MediaRow: TypeAlias = "Row[str, str, int, int, str]"
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,18 @@ _INSERT_GRANT = Prepared(insert(GRANTS))
 _INSERT_GRANTS = insert(GRANTS)
 
 
-def grant_row(pool_id: str, media_id: str | None, holder_id: str, nbytes: int = 0) -> dict:
+class GrantRow(TypedDict):
+    """A new grant's columns, as inserted."""
+
+    id: str
+    pool_id: str
+    media_id: str | None
+    holder_id: str
+    bytes: int
+    created_ns: int
+
+
+def grant_row(pool_id: str, media_id: str | None, holder_id: str, nbytes: int = 0) -> GrantRow:
     """A new grant's columns; ``media_id`` is None for an upload whose media does not exist yet."""
     return {
         "id": new_id(),
@@ -116,7 +132,7 @@ def add_grant(
 
 def lock_media_rows(
     conn: Connection, chains_of: Chains, media_ids: Sequence[str]
-) -> tuple[dict[str, Row], dict[str, list[Link]]]:
+) -> tuple[dict[str, MediaRow], dict[str, list[Link]]]:
     """Media rows (as ``media_row``) and their pools' chains, locked root-first.
 
     Every change to a media's size or pool is made while its pool's chain is
@@ -137,7 +153,7 @@ def lock_media_rows(
             return rows, chains
 
 
-def media_row(conn: Connection, media_id: str) -> Row:
+def media_row(conn: Connection, media_id: str) -> MediaRow:
     """A media's id, pool_id, size, mtime_ns and volume, read without locks."""
     row = conn.execute(_MEDIA_ROWS, {"ids": [media_id]}).first()
     if row is None:
@@ -145,7 +161,7 @@ def media_row(conn: Connection, media_id: str) -> Row:
     return row
 
 
-def lock_media(conn: Connection, chains_of: Chains, media_id: str) -> tuple[Row, list[Link]]:
+def lock_media(conn: Connection, chains_of: Chains, media_id: str) -> tuple[MediaRow, list[Link]]:
     """One media row and its pool chain, locked as ``lock_media_rows`` does."""
     rows, chains = lock_media_rows(conn, chains_of, [media_id])
     row = rows.get(media_id)
@@ -266,13 +282,12 @@ class Ledger:
                     added.append(grant_row(row.pool_id, row.id, holder_id, st.keep))
             for pool_id, delta in deltas.items():
                 charge(conn, chains[pool_id], delta)
-            for statement, params in (
-                (_SET_SIZE, sizes),
-                (_SET_GRANT, kept),
-                (_INSERT_GRANTS, added),
-            ):
-                if params:
-                    conn.execute(statement, params)
+            if sizes:
+                conn.execute(_SET_SIZE, sizes)
+            if kept:
+                conn.execute(_SET_GRANT, kept)
+            if added:
+                conn.execute(_INSERT_GRANTS, added)
             if dropped:
                 conn.execute(_DROP_GRANTS, {"gids": dropped})
             return [mid for mid in ids if mid not in media]
@@ -388,8 +403,9 @@ class Ledger:
                 if h.heartbeat_ns < expired or (h.host == host and not _process_alive(h.pid))
             ]
 
-    def stale_grants(self, holder_ids: Sequence[str]) -> list[tuple[str, str]]:
-        """(grant id, media id) of every grant held by ``holder_ids``."""
+    def stale_grants(self, holder_ids: Sequence[str]) -> list[tuple[str, str | None]]:
+        """(grant id, media id) of every grant held by ``holder_ids``; the media id is
+        None for an upload's grant (its media does not exist yet)."""
         with self.db.transaction() as s:
             rows = s.execute(
                 select(Grant.id, Grant.media_id).where(Grant.holder_id.in_(holder_ids))

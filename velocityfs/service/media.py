@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import BindParameter, Connection, bindparam, delete, func, insert, select, update
 
 from velocityfs.catalog.database import Database
 from velocityfs.catalog.models import DEFAULT_VOLUME, Media, Pool, XAttr, new_id
@@ -62,7 +62,7 @@ _MOVE_GRANTS = (
     .values(pool_id=bindparam("new_pool"))
 )
 # A batch of removals costs these five statements, not five per media.
-_IDS = bindparam("ids", expanding=True)
+_IDS: BindParameter[str] = bindparam("ids", expanding=True)
 _GRANTED = (
     select(GRANTS.c.media_id, func.sum(GRANTS.c.bytes))
     .where(GRANTS.c.media_id.in_(_IDS))
@@ -448,8 +448,9 @@ class MediaService:
                 _MOVE, {"mid": media.id, "new_pool": pool_id, "new_name": name, "now": now}
             )
         if replaced is not None:
-            self.backing.remove(replaced.volume, replaced.id)
-            return replaced.id
+            replaced_id: str = replaced.id
+            self.backing.remove(replaced.volume, replaced_id)
+            return replaced_id
         return None
 
     def set_attrs(

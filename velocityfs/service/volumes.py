@@ -13,8 +13,10 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import Connection, func, select
+from sqlalchemy.orm import Session
 
 from velocityfs.catalog.database import Database
 from velocityfs.catalog.models import DEFAULT_VOLUME, Grant, Media, Volume
@@ -172,13 +174,13 @@ class VolumeService:
         return source
 
     @staticmethod
-    def _refuse_if_open(s, media_id: str) -> None:  # type: ignore[no-untyped-def]
+    def _refuse_if_open(s: Session, media_id: str) -> None:
         writers = s.execute(select(Grant.holder_id).where(Grant.media_id == media_id)).first()
         if writers is not None:
             raise Busy("the media is open for writing: close it and try again")
 
 
-def _copy_sparse(src, dst, progress: Callable[[int], None] | None) -> None:  # type: ignore[no-untyped-def]
+def _copy_sparse(src: Path, dst: Path, progress: Callable[[int], None] | None) -> None:
     """Copy keeping holes (a 100 GiB sparse VM disk stays sparse), then fsync."""
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         size = os.fstat(fin.fileno()).st_size
