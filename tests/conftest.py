@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 from support.admin import InProcessCli, Tmpfs
+from support.faultfs import FaultyVolume
 from support.fs import Catalog
 from support.mount import Mount, Watchdog
 
@@ -258,3 +259,52 @@ def tmpfs() -> Iterator[Tmpfs]:
         yield disks
     finally:
         disks.cleanup()
+
+
+# -- a volume whose disk fails on demand ------------------------------------------------
+
+
+@pytest.fixture
+def faulty_volume(
+    tmp_path: Path, store_dir: Path, fuse_available: None, fuse_watchdog: Watchdog
+) -> Iterator[Callable[..., FaultyVolume]]:
+    """Factory: a volume whose disk fails on demand (tests/support/faultfs.py).
+
+    faulty_volume(name="faulty") mounts faultfs over a fresh directory
+    (tmp_path/"NAME-disk") on STORE/vol/NAME and returns a FaultyVolume: ``fail(op,
+    errno, path=None)`` and ``clear()`` switch its faults, ``injected(op)`` counts those
+    it answered, ``media(mid)`` is a backing file as it lies on the disk. Add it with
+    ``velocityfs volume add NAME``. Afterwards its faults are cleared, every other mount
+    of the test (the velocityfs daemons holding files open on it) is torn down, and
+    only then is faultfs unmounted: it must exit with status 0.
+    """
+    volumes: list[FaultyVolume] = []
+
+    def start(name: str = "faulty") -> FaultyVolume:
+        volume = FaultyVolume(
+            tmp_path / f"{name}-disk",
+            store_dir / "vol" / name,
+            tmp_path / f"{name}-faults.json",
+            tmp_path / f"faultfs-{name}.log",
+        )
+        volumes.append(volume)
+        fuse_watchdog.register(volume.mount)
+        volume.mount.start()
+        return volume
+
+    try:
+        yield start
+    finally:
+        for volume in volumes:
+            volume.clear()  # no fault may stand in the way of a teardown
+        ours = [volume.mount for volume in volumes]
+        for m in reversed(fuse_watchdog.mounts):  # whichever fixture comes first
+            if all(m is not mine for mine in ours):
+                m.teardown()
+        try:
+            for volume in reversed(volumes):
+                if volume.mount.alive:
+                    volume.mount.stop()
+        finally:
+            for volume in reversed(volumes):
+                volume.mount.teardown()

@@ -82,8 +82,11 @@ class Mount:
         mountpoint: Path,
         log_path: Path,
         env: dict[str, str] | None = None,
+        ready_line: str = READY_LINE,
     ) -> None:
         self.cmd = list(cmd)
+        # What the daemon prints once mounted (another FUSE daemon, e.g. faultfs, has its own).
+        self.ready_line = ready_line
         self.path = Path(mountpoint)
         self.path.mkdir(parents=True, exist_ok=True)
         # Resolved once, now, while the directory is still a plain directory.
@@ -152,14 +155,14 @@ class Mount:
             _LIVE.add(self)
 
         deadline = time.monotonic() + timeout
-        while READY_LINE not in self.log:
+        while self.ready_line not in self.log:
             if self.proc.poll() is not None:
                 self.returncode = self.proc.returncode
                 self.teardown()
                 self._fail(f"velocityfs exited with {self.returncode} before mounting")
             if time.monotonic() > deadline:
                 self.teardown()
-                self._fail(f"no {READY_LINE!r} line within {timeout:.0f} s")
+                self._fail(f"no {self.ready_line!r} line within {timeout:.0f} s")
             time.sleep(0.05)
 
         # The ready line should follow the mount; allow a moment in case it races ahead.
@@ -170,7 +173,9 @@ class Mount:
                 self._fail(f"velocityfs exited with {self.returncode} right after mounting")
             if time.monotonic() > deadline:
                 self.teardown()
-                self._fail(f"{READY_LINE!r} printed but {self.path} not in /proc/self/mountinfo")
+                self._fail(
+                    f"{self.ready_line!r} printed but {self.path} not in /proc/self/mountinfo"
+                )
             time.sleep(0.05)
         dev, fstype = entry
         if not fstype.startswith("fuse"):

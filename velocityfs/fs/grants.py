@@ -191,15 +191,21 @@ class Grants:
         if size > node.charged:
             await self._reserve(node, size, partial=False)
         with self._changes.changing(node.media_id):
-            async with node.lock:
-                os.truncate(node.open_path, size)
-                if size < node.size:
-                    # The cut bytes were data, not reservation: they go back to the pool
-                    # now, even while a writer keeps the file open (its grant stays).
-                    node.charged -= node.size - size
-                node.size = size
-                node.mtime_ns = node.ctime_ns = time.time_ns()
-                node.dirty = True
+            try:
+                async with node.lock:
+                    os.truncate(node.open_path, size)
+                    if size < node.size:
+                        # The cut bytes were data, not reservation: they go back to the
+                        # pool now, even while a writer keeps the file open (its grant
+                        # stays).
+                        node.charged -= node.size - size
+                    node.size = size
+                    node.mtime_ns = node.ctime_ns = time.time_ns()
+                    node.dirty = True
+            except OSError:
+                # The disk refused: the file is as it was; what was reserved goes back.
+                await self.settle(node, release_grant=node.writers == 0)
+                raise
             await self.settle(node, release_grant=node.writers == 0)
 
     async def allocate(
