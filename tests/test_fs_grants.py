@@ -16,13 +16,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
 from sqlalchemy import text
+from support.fs import Catalog
 from support.inprocess import CTX, Client, filesystem, run
 from support.usage import assert_usage_consistent, grant_count
 
@@ -37,11 +37,9 @@ MIB = 1 << 20
 
 
 @pytest.fixture
-def v(catalog_url: str, store_dir: Path) -> Iterator[Velocity]:
-    vel = Velocity(catalog_url, store_dir)
-    vel.init()
-    yield vel
-    vel.close()
+def v(catalog: Catalog) -> Velocity:
+    catalog.v.init()
+    return catalog.v
 
 
 def used(v: Velocity, ref: str) -> int:
