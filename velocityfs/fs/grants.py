@@ -160,17 +160,22 @@ class Grants:
         """``node`` is gone from the mount: its media goes with the batch."""
         self._releases.unlink(node)
 
+    def fits(self, node: MediaNode, end: int) -> bool:
+        """Whether a write up to ``end`` fits in this mount's grant as it is, needing no
+        catalog call (most writes: the fast path, without an await)."""
+        if end > node.settled:
+            self._require_lease()
+        return end <= node.charged
+
     async def room_for_write(self, node: MediaNode, off: int, length: int) -> int:
         """How many of ``length`` bytes at ``off`` may be written now: all, or what the
         quota still allows (a short write). Nothing fits: QuotaExceeded.
 
-        The caller writes with no await between this and ``wrote``: the grant
-        cannot shrink in between.
+        The caller writes with no await between this (or ``fits``) and ``wrote``: the
+        grant cannot shrink in between.
         """
         end = off + length
-        if end > node.settled:
-            self._require_lease()
-        if end <= node.charged:
+        if self.fits(node, end):
             return length
         await self._reserve(node, end, partial=True)
         if off >= node.charged:

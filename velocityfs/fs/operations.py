@@ -366,10 +366,11 @@ class VelocityOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handle(fh)
         node = handle.node
-        room = await self.grants.room_for_write(node, off, len(buf))
+        if not self.grants.fits(node, off + len(buf)):
+            buf = buf[: await self.grants.room_for_write(node, off, len(buf))]
         # No await from here to wrote(): the room cannot shrink under the write. A
         # volume's disk that fails or fills first leaves the file as it was.
-        written = os.pwrite(handle.fd, buf if room == len(buf) else buf[:room], off)
+        written = os.pwrite(handle.fd, buf, off)
         self.grants.wrote(node, off + written)
         return written
 
