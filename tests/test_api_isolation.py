@@ -2,8 +2,10 @@
 
 Alice (group acme) may do everything in 'tenants'; Bob (group globex) in 'isos'.
 Neither may list, create in, upload to, list media of, or remove anything from
-the other's pools (403 each), and a refused request changes nothing anywhere.
-Members of the root group may act on every pool.
+the other's pools, and a refused request changes nothing anywhere. What a caller
+has no share on does not exist for it (404, as an unknown id); 403 is for a pool
+it has some permission on, but not the one asked for. Members of the root group
+may act on every pool.
 """
 
 from __future__ import annotations
@@ -46,23 +48,23 @@ def test_groups_are_isolated(api_mount):
     before = snapshot(s, owners)
 
     def refused_everywhere(key: str, gid: str, pids: list[str], mids: list[str]) -> None:
-        api.pools(key, gid, status=403)
+        api.pools(key, gid, status=404)
         for pid in pids:
-            api.create_pool(key, pid, "intruder", 1, status=403)
-            api.create_media(key, pid, "intruder.img", 1, status=403)
-            api.upload(key, pid, "intruder.img", b"x" * 1000, status=403)
+            api.create_pool(key, pid, "intruder", 1, status=404)
+            api.create_media(key, pid, "intruder.img", 1, status=404)
+            api.upload(key, pid, "intruder.img", b"x" * 1000, status=404)
             # refused before the body, even when its length could never fit
             api.raw(
                 "PUT",
                 upload_target(key, pid, "intruder.img"),
                 UPLOAD_TEMPLATE,
                 headers={"Content-Length": str(1 << 40)},
-                status=403,
+                status=404,
             )
-            api.media(key, pid, status=403)
-            api.delete_pool(key, pid, status=403)
+            api.media(key, pid, status=404)
+            api.delete_pool(key, pid, status=404)
         for mid in mids:
-            api.delete_media(key, mid, status=403)
+            api.delete_media(key, mid, status=404)
 
     # Alice (acme) against globex's pools, Bob (globex) against acme's.
     refused_everywhere(alice, s.gids["globex"], [isos, isos_sub], [bob_iso, bob_img])

@@ -91,12 +91,13 @@ def test_media_create_list_delete(api_mount):
         assert not os.path.exists(mnt_vm / name)
         assert not os.path.exists(s.mount / "tenants" / "loose" / name)
 
-    # 404 unknown pool; 403 without velocity.pool.media.create.
+    # 404 unknown pool, or one the caller has no share on; 403 without
+    # velocity.pool.media.create where it has some other permission.
     api.create_media(alice, str(uuid.uuid4()), "x.img", 1, status=404)
     api.create_media(s.key("vera"), vm, "x.img", 1, status=403)
-    api.create_media(s.key("bob"), vm, "x.img", 1, status=403)
-    api.create_media(s.key("nobody"), tenants, "x.img", 1, status=403)
-    api.create_media(alice, s.pids["isos"], "x.img", 1, status=403)
+    api.create_media(s.key("bob"), vm, "x.img", 1, status=404)
+    api.create_media(s.key("nobody"), tenants, "x.img", 1, status=404)
+    api.create_media(alice, s.pids["isos"], "x.img", 1, status=404)
     api.create_media(alice, s.pids["hidden"], "blind.img", 1)  # create without view is fine
 
     # 400: missing or malformed fields, bad JSON, not an object.
@@ -120,9 +121,9 @@ def test_media_create_list_delete(api_mount):
     names = sorted(m["filename"] for m in api.media(alice, vm)["media"])
     assert sorted(m["filename"] for m in api.media(s.key("vera"), vm)["media"]) == names
     assert sorted(os.listdir(mnt_vm)) == sorted([*names, "sub"])
-    api.media(s.key("bob"), vm, status=403)
-    api.media(s.key("nobody"), vm, status=403)
-    api.media(alice, s.pids["isos"], status=403)
+    api.media(s.key("bob"), vm, status=404)  # no share there: as if it did not exist
+    api.media(s.key("nobody"), vm, status=404)
+    api.media(alice, s.pids["isos"], status=404)
     assert [m["filename"] for m in api.media(alice, s.pids["hidden"])["media"]] == ["blind.img"]
     assert [m["filename"] for m in api.media(s.key("admin"), sub)["media"]] == ["disk.img"]
     api.media(alice, str(uuid.uuid4()), status=404)
@@ -132,11 +133,12 @@ def test_media_create_list_delete(api_mount):
     for raw in NOT_OBJECTS:
         api.call("GET", "/p/media", content=raw, headers=auth, status=400)
 
-    # DELETE /p/media: 403 without media.remove, 404 unknown, 400 malformed; nothing changes.
+    # DELETE /p/media: 403 without media.remove, 404 unknown (or no share on its pool),
+    # 400 malformed; nothing changes.
     before = (api.media(alice, vm), store_files(s.store), s.used("tenants"))
     api.delete_media(s.key("vera"), disk, status=403)
-    api.delete_media(s.key("bob"), disk, status=403)
-    api.delete_media(s.key("nobody"), disk, status=403)
+    api.delete_media(s.key("bob"), disk, status=404)
+    api.delete_media(s.key("nobody"), disk, status=404)
     api.delete_media(alice, str(uuid.uuid4()), status=404)
     api.delete_media(alice, vm, status=404)  # a pool id is no media id
     for body in ({"authkey": alice}, {"authkey": alice, "mid": ""}, {"authkey": alice, "mid": 3}):

@@ -9,8 +9,10 @@ cp are listed by GET /p/media with their size.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 
+import httpx
 from support.api import MIB, api_mount_fixture  # noqa: F401
 
 
@@ -102,3 +104,34 @@ def test_api_and_mount_agree(api_mount, tmp_path):
     assert os.listdir(s.mount / "tenants") == []
     assert s.used("tenants") == {"tenants": 0}
     assert s.usage("tenants") == {"tenants": 0}
+
+
+def _answers(port: int) -> bool:
+    """Whether anything serves HTTP on 127.0.0.1:PORT (the API's own document)."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=5).status_code == 200
+    except httpx.ConnectError:
+        return False
+
+
+def test_the_mount_serves_the_api_only_when_asked(catalog, mount, tmp_path):
+    """Separate failure domains by default: a configuration that names api_listen (for
+    velocityfs serve, the API's own unit) does not put the API into the mount's
+    process, which carries every VM disk; api_in_mount = true, or --api, does."""
+    catalog.setup({"tenants": 16})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "velocityfs.toml"
+    env = {**os.environ, "VELOCITYFS_CONFIG": str(config)}
+
+    config.write_text(f'api_listen = "127.0.0.1:{port}"\n')
+    alone = mount(env=env)
+    assert (alone / "tenants").is_dir()
+    assert not _answers(port)
+    alone.stop()
+
+    config.write_text(f'api_listen = "127.0.0.1:{port}"\napi_in_mount = true\n')
+    together = mount(env=env)
+    assert _answers(port)
+    together.stop()

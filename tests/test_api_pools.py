@@ -74,14 +74,14 @@ def test_get_pools(api_mount):
     # globex: isos; its share of tenants/vm has no view, so vm is not listed.
     assert [p["pid"] for p in api.pools(s.key("bob"), globex)["pools"]] == [isos]
 
-    # Not a member of the group: 403, whatever the group has.
-    api.pools(s.key("alice"), globex, status=403)
-    api.pools(s.key("alice"), viewers, status=403)
-    api.pools(s.key("alice"), root, status=403)
-    api.pools(s.key("bob"), acme, status=403)
-    api.pools(s.key("vera"), acme, status=403)
+    # Not a member of the group: 404, as for a group that does not exist.
+    api.pools(s.key("alice"), globex, status=404)
+    api.pools(s.key("alice"), viewers, status=404)
+    api.pools(s.key("alice"), root, status=404)
+    api.pools(s.key("bob"), acme, status=404)
+    api.pools(s.key("vera"), acme, status=404)
     for gid in (acme, globex, viewers, root):
-        api.pools(s.key("nobody"), gid, status=403)
+        api.pools(s.key("nobody"), gid, status=404)
 
     # Members of the root group may list any group.
     admin = s.key("admin")
@@ -164,12 +164,13 @@ def test_create_pool(api_mount):
     # 404: unknown parent.
     api.create_pool(alice, str(uuid.uuid4()), "x", 1, status=404)
 
-    # 403: without velocity.pool.create on the parent (or any ancestor).
+    # 403: without velocity.pool.create on the parent (or any ancestor), where the caller
+    # has some other permission; 404 where it has none (as for an unknown parent).
     api.create_pool(s.key("vera"), tenants, "x", 1, status=403)  # view only
     api.create_pool(s.key("vera"), vm1, "x", 1, status=403)
-    api.create_pool(s.key("bob"), tenants, "x", 1, status=403)
-    api.create_pool(s.key("nobody"), tenants, "x", 1, status=403)
-    api.create_pool(alice, s.pids["isos"], "x", 1, status=403)
+    api.create_pool(s.key("bob"), tenants, "x", 1, status=404)
+    api.create_pool(s.key("nobody"), tenants, "x", 1, status=404)
+    api.create_pool(alice, s.pids["isos"], "x", 1, status=404)
     # create without view is still create; the root group may create anywhere.
     api.create_pool(alice, s.pids["hidden"], "blind", 10)
     api.create_pool(s.key("admin"), s.pids["isos"], "by-admin", 10)
@@ -247,11 +248,13 @@ def test_delete_pool(api_mount):
         assert backing_file(s.store, mid).is_file()
     assert s.usage("tenants")["tenants"] == (36 * MIB + MIB // 4)
 
-    # 403 without velocity.pool.remove; 404 unknown pid; 400 missing or malformed pid.
-    for user in ("vera", "bob", "nobody"):
-        api.delete_pool(s.key(user), doomed, status=403)
-    api.delete_pool(alice, s.pids["isos"], status=403)
-    api.delete_pool(alice, s.pids["isos/sub"], status=403)
+    # 403 without velocity.pool.remove; 404 unknown pid, or one without any share of the
+    # caller's; 400 missing or malformed pid.
+    api.delete_pool(s.key("vera"), doomed, status=403)
+    for user in ("bob", "nobody"):
+        api.delete_pool(s.key(user), doomed, status=404)
+    api.delete_pool(alice, s.pids["isos"], status=404)
+    api.delete_pool(alice, s.pids["isos/sub"], status=404)
     api.delete_pool(alice, str(uuid.uuid4()), status=404)
     api.delete_pool(alice, keep, status=404)  # a media id is no pool id
     for body in [{"authkey": alice}, {"authkey": alice, "pid": 5}, {"authkey": alice, "pid": ""}]:

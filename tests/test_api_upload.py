@@ -5,6 +5,8 @@ media atomically when complete. A declared Content-Length that cannot fit is
 refused with 413 before a byte of the body is read; a chunked body that grows
 past a quota is cut off with 413; an upload that is refused or aborted leaves
 nothing behind: no media, no file (not even under store/media/.uploads), no usage.
+A chunked body's grant stays within one step (at most 8 MiB) of the bytes received,
+and an upload that receives nothing for upload_idle_s is aborted with 408.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+from support.admin import service, write_config
 from support.api import (
     MIB,
     UPLOAD_TEMPLATE,
@@ -28,6 +31,10 @@ from support.api import (
     store_files,
     upload_target,
 )
+from support.usage import assert_usage_consistent, grant_count
+
+# The most a chunked upload may hold beyond the bytes it has received.
+UPLOAD_STEP_MAX = 8 * MIB
 
 
 def uploads_in_flight(store: os.PathLike[str]) -> list[str]:
@@ -101,6 +108,11 @@ def test_large_streamed_upload_appears_atomically(api_mount):
         assert poll(lambda: uploads_in_flight(s.store) != []), store_files(s.store)
         (tmp,) = uploads_in_flight(s.store)
         assert poll(lambda: os.path.getsize(s.store / tmp) > 0)
+        # Its grant follows the bytes received: with the first 16 MiB stored, it holds at
+        # most one step more, not a large chunk ahead (far from a limit, as here).
+        assert poll(lambda: os.path.getsize(s.store / tmp) == body.first)
+        held = s.used("tenants")["tenants"]
+        assert body.first <= held <= body.first + UPLOAD_STEP_MAX, f"{held / MIB:.2f} MiB held"
         # ...but the media does not exist yet, for the API or the mount.
         with_other = Api(s.port)
         try:
@@ -239,6 +251,138 @@ def test_refused_and_aborted_uploads_leave_nothing(api_mount):
     assert s.usage("tenants") == {"tenants": 0}
 
 
+def configure(monkeypatch, tmp_path, **values) -> None:
+    """A configuration file for the daemons (and CLI calls) this test starts."""
+    config = write_config(tmp_path / "velocityfs.toml", **values)
+    monkeypatch.setenv("VELOCITYFS_CONFIG", str(config))
+
+
+def send_chunk(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+
+
+IDLE_S = 4.0
+
+
+def test_idle_uploads_are_aborted_and_leave_nothing(api_mount, catalog_url, monkeypatch, tmp_path):
+    """An upload that receives nothing of its body for upload_idle_s is aborted with 408,
+    chunked or with a Content-Length, and everything it held is gone by the time the answer
+    comes; one whose bytes keep coming, however slowly, goes on."""
+    configure(monkeypatch, tmp_path, upload_idle_s=IDLE_S)
+    s = api_mount(subpools={"tenants/vm": 100}, users=["alice"])
+    api = s.api
+    vm = s.pids["tenants/vm"]
+    alice = s.key("alice")
+
+    def state() -> dict[str, object]:
+        with service(catalog_url, s.store) as v:
+            grants = grant_count(v)
+            assert_usage_consistent(v)
+        return {
+            "files": store_files(s.store),
+            "used": s.used("tenants", "tenants/vm"),
+            "media": api.media(alice, vm)["media"],
+            "mount": sorted(os.listdir(s.mount / "tenants" / "vm")),
+            "grants": grants,
+        }
+
+    baseline = state()
+    assert baseline["grants"] == 0
+
+    # A byte, then nothing: one chunked, one that declared 10 MiB.
+    chunked = send_head(s.port, upload_target(alice, vm, "chunked.img"), None, chunked=True)
+    declared = send_head(s.port, upload_target(alice, vm, "declared.img"), 10 * MIB)
+    with chunked, declared:
+        sent = time.monotonic()  # before the bytes: the server's clock starts after them
+        send_chunk(chunked, b"a")
+        declared.sendall(b"a")
+        # In flight, holding room: the declared size, and a step for the chunked byte.
+        assert poll(lambda: len(uploads_in_flight(s.store)) == 2), store_files(s.store)
+        assert poll(lambda: s.used("tenants/vm")["tenants/vm"] > 10 * MIB)
+        answers = []
+        for sock in (chunked, declared):
+            answers.append(read_response(sock, timeout=IDLE_S + 60))
+            assert time.monotonic() - sent >= IDLE_S - 0.05, "aborted before upload_idle_s"
+    for res in answers:
+        answer = api.check(res, UPLOAD_TEMPLATE, "PUT", 408)
+        assert "arrived" in answer["error"], answer
+        assert res.headers.get("connection") == "close", res.headers
+    # Each answer comes after its clean-up: nothing is left, at once.
+    assert state() == baseline, "an idle upload left something behind"
+
+    # A slow but steady upload is not idle: every byte restarts the clock.
+    content = b""
+    with send_head(s.port, upload_target(alice, vm, "slow.img"), None, chunked=True) as sock:
+        until = time.monotonic() + 1.5 * IDLE_S
+        while time.monotonic() < until:
+            piece = bytes([len(content) % 251]) * 3
+            send_chunk(sock, piece)
+            content += piece
+            time.sleep(IDLE_S / 16)
+        sock.sendall(b"0\r\n\r\n")
+        made = api.check(read_response(sock, timeout=60), UPLOAD_TEMPLATE, "PUT", 200)
+    assert made["filename"] == "slow.img"
+    assert (s.mount / "tenants" / "vm" / "slow.img").read_bytes() == content
+    assert s.used("tenants/vm") == {"tenants/vm": len(content)}
+    api.delete_media(alice, made["mid"])
+    assert state() == baseline
+    assert "Traceback" not in s.mount.log, s.mount.log
+
+
+def test_idle_chunked_uploads_do_not_starve_their_pool(
+    api_mount, catalog_url, monkeypatch, tmp_path
+):
+    """Six chunked uploads that sent a byte each and wait hold little of their 60 MiB pool:
+    while they wait, a 50 MiB upload and a 50 MiB write on the mount still fit; then they
+    all complete, and usage is exact."""
+    configure(monkeypatch, tmp_path, upload_idle_s=600)  # they must not time out here
+    s = api_mount(subpools={"tenants/vm": 60}, users=["alice"])
+    api = s.api
+    vm = s.pids["tenants/vm"]
+    alice = s.key("alice")
+    mnt_vm = s.mount / "tenants" / "vm"
+
+    socks = []
+    try:
+        for i in range(6):
+            sock = send_head(s.port, upload_target(alice, vm, f"idle-{i}.img"), None, chunked=True)
+            socks.append(sock)
+            send_chunk(sock, bytes([65 + i]))
+        # Each has its byte in its temporary file, so its grant grew for it.
+        assert poll(
+            lambda: [os.path.getsize(s.store / f) for f in uploads_in_flight(s.store)] == [1] * 6
+        ), store_files(s.store)
+        held = s.used("tenants/vm")["tenants/vm"]
+        print(f"six waiting uploads hold {held / MIB:.2f} MiB")
+
+        # A 50 MiB upload (Content-Length: reserved in full before reading) fits...
+        made = api.upload(alice, vm, "big.img", bytes(50 * MIB))
+        assert os.path.getsize(mnt_vm / "big.img") == 50 * MIB
+        api.delete_media(alice, made["mid"])
+        # ...and so does a 50 MiB write on the mount (dd of the report: ENOSPC).
+        block = bytes(range(256)) * (MIB // 256)
+        with open(mnt_vm / "disk.img", "wb") as f:
+            for _ in range(50):
+                f.write(block)
+        assert os.path.getsize(mnt_vm / "disk.img") == 50 * MIB
+
+        for sock in socks:
+            sock.sendall(b"0\r\n\r\n")
+        for sock in socks:
+            api.check(read_response(sock, timeout=60), UPLOAD_TEMPLATE, "PUT", 200)
+    finally:
+        for sock in socks:
+            sock.close()
+    for i in range(6):
+        assert (mnt_vm / f"idle-{i}.img").read_bytes() == bytes([65 + i])
+    assert sorted(os.listdir(mnt_vm)) == ["disk.img"] + [f"idle-{i}.img" for i in range(6)]
+    assert s.used("tenants/vm") == {"tenants/vm": 50 * MIB + 6}
+    assert uploads_in_flight(s.store) == []
+    with service(catalog_url, s.store) as v:
+        assert grant_count(v) == 0
+        assert_usage_consistent(v)
+
+
 BAD_NAMES = [
     "..",
     "%2e%2e",
@@ -319,11 +463,13 @@ def test_upload_names_and_statuses(api_mount):
     api.upload(alice, vm, "sub", b"other", status=409)
     assert (mnt_vm / "ok name.iso").read_bytes() == b"ok name.iso" * 3
 
-    # 404: unknown pool. 403: without velocity.pool.media.create, or a bad authkey.
+    # 404: unknown pool, or one the caller has no share on. 403: without
+    # velocity.pool.media.create where it has some other permission, or a bad authkey.
     api.upload(alice, str(uuid.uuid4()), "x.img", b"x", status=404)
-    for user in ("vera", "bob", "nobody"):
-        api.upload(s.key(user), vm, "x.img", b"x", status=403)
-    api.upload(alice, s.pids["isos"], "x.img", b"x", status=403)
+    api.upload(s.key("vera"), vm, "x.img", b"x", status=403)
+    for user in ("bob", "nobody"):
+        api.upload(s.key(user), vm, "x.img", b"x", status=404)
+    api.upload(alice, s.pids["isos"], "x.img", b"x", status=404)
     api.upload("not-a-key", vm, "x.img", b"x", status=403)
     # create without view is enough; the root group may upload anywhere.
     api.upload(alice, s.pids["hidden"], "blind.img", b"blind")

@@ -103,6 +103,10 @@ CONFIG_PROBLEMS = {
     ),
     "negative-timeout": ("attr_timeout_s = -1\n", "'attr_timeout_s' must not be negative"),
     "negative-lifetime": ("authkey_lifetime_s = -5\n", "'authkey_lifetime_s' must not be negative"),
+    "zero-upload-idle": (
+        "upload_idle_s = 0\n",
+        "'upload_idle_s' must be a positive number of seconds",
+    ),
     "broken-policy": (
         'volume_policy = "pool tenants :: fast\\nno arrow here"\n',
         "'volume_policy': policy line 2: missing ':: VOLUME' in 'no arrow here'",

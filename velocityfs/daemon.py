@@ -27,10 +27,12 @@ from typing import Protocol
 
 import trio
 
+from velocityfs.api import DEFAULT_MAX_BODY_BYTES
 from velocityfs.api.app import Mirror
 from velocityfs.api.server import CannotListen, serve_api, unwrap_listen_error
 from velocityfs.fs.session import MountSession
 from velocityfs.notify import sd_notify
+from velocityfs.service.access import DEFAULT_UPLOAD_IDLE_S
 from velocityfs.service.velocity import Velocity
 from velocityfs.threads import Offload, checkpoints, threads_for
 
@@ -111,10 +113,11 @@ def run_mount(
     mountpoint: str,
     *,
     allow_other: bool = False,
-    default_permissions: bool = False,
     attr_timeout: float = 1.0,
     api_bind: str | None = None,
     catalog_timeout_s: float = 10.0,
+    upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Mount and serve until unmounted or signalled; grants are settled on the way out."""
     holder_id = _register(velocity, writer=True)
@@ -127,11 +130,10 @@ def run_mount(
             offload,
             mountpoint,
             allow_other=allow_other,
-            default_permissions=default_permissions,
             attr_timeout=attr_timeout,
         )
         try:
-            _serve(velocity, offload, session, api_bind)
+            _serve(velocity, offload, session, api_bind, upload_idle_s, max_body_bytes)
         finally:
             session.close()
     finally:
@@ -139,12 +141,19 @@ def run_mount(
         _retire(velocity, session.holder_id if session else holder_id, "unmounted")
 
 
-def run_serve(velocity: Velocity, bind: str, catalog_timeout_s: float = 10.0) -> None:
+def run_serve(
+    velocity: Velocity,
+    bind: str,
+    catalog_timeout_s: float = 10.0,
+    upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> None:
     """``velocityfs serve``: the API alone against the catalog until signalled."""
     holder_id = _register(velocity, writer=False)
     offload = Offload(threads_for(velocity.db.is_sqlite), catalog_timeout_s)
     try:
-        _serve(velocity, offload, _ApiAlone(velocity, offload, holder_id, bind), bind)
+        role = _ApiAlone(velocity, offload, holder_id, bind)
+        _serve(velocity, offload, role, bind, upload_idle_s, max_body_bytes)
     finally:
         _retire(velocity, holder_id, "stopped")
 
@@ -158,7 +167,14 @@ def _register(velocity: Velocity, *, writer: bool) -> str:
     return velocity.register_writer() if writer else velocity.ledger.register_holder()
 
 
-def _serve(velocity: Velocity, offload: Offload, role: Role, api_bind: str | None) -> None:
+def _serve(
+    velocity: Velocity,
+    offload: Offload,
+    role: Role,
+    api_bind: str | None,
+    upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> None:
     """Steps 3 to 5, in one trio loop; a failed bind of the API is one plain error."""
 
     async def main() -> None:
@@ -169,7 +185,14 @@ def _serve(velocity: Velocity, offload: Offload, role: Role, api_bind: str | Non
             if api_bind is not None:
                 await nursery.start(
                     functools.partial(
-                        serve_api, velocity, offload, role.holder_id, api_bind, mirror=role.mirror
+                        serve_api,
+                        velocity,
+                        offload,
+                        role.holder_id,
+                        api_bind,
+                        mirror=role.mirror,
+                        upload_idle_s=upload_idle_s,
+                        max_body_bytes=max_body_bytes,
                     )
                 )
             nursery.start_soon(_announce, role)

@@ -7,23 +7,37 @@ the JSON and status codes of ``docs/pool-management-api.md``.
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
+import math
 import os
-import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 from urllib.parse import unquote
 
 import trio
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from velocityfs import errors
+from velocityfs.api import DEFAULT_MAX_BODY_BYTES
+from velocityfs.api.access_log import AccessLog, route_of
+from velocityfs.api.body import (
+    INLINE_JSON_BYTES,
+    BadRequest,
+    BodyTooLarge,
+    authkey_of,
+    mib_field,
+    parse_object,
+    read_body,
+    text_field,
+)
 from velocityfs.api.openapi import OPENAPI
-from velocityfs.service.access import Access, Upload
-from velocityfs.service.pools import MIB, mib_to_bytes
+from velocityfs.service.access import DEFAULT_UPLOAD_IDLE_S, Access, Upload
+from velocityfs.service.pools import MIB
 from velocityfs.service.views import MediaView, PoolView
 from velocityfs.threads import CatalogUnavailable, Offload
 
@@ -42,15 +56,20 @@ STATUS: list[tuple[type[errors.VelocityError], int]] = [
 ]
 
 
-UPLOAD_CHUNK = 64 * MIB
-
-
-class BadRequest(errors.VelocityError):
-    """A missing or malformed field (400)."""
-
-
 class TooLarge(errors.VelocityError):
     """The body passed the quota while streaming (413)."""
+
+
+class UploadIdle(errors.VelocityError):
+    """No bytes of an upload's body arrived for ``upload_idle_s`` (408)."""
+
+
+# An idle upload ends at most this much after upload_idle_s (or a tenth of it, if less).
+IDLE_SLACK_S = 1.0
+
+
+# Threads checking passwords at a time.
+PASSWORD_THREADS = 1
 
 
 class Mirror(Protocol):
@@ -66,17 +85,12 @@ class Mirror(Protocol):
 def status_of(exc: errors.VelocityError) -> int:
     if isinstance(exc, BadRequest):
         return 400
-    if isinstance(exc, TooLarge):
+    if isinstance(exc, TooLarge | BodyTooLarge):
         return 413
     for kind, status in STATUS:
         if isinstance(exc, kind):
             return status
     return 500
-
-
-def masked(path: str) -> str:
-    """A request path fit for a log: upload paths carry the authkey."""
-    return "/p/media/<authkey>/..." if path.startswith("/p/media/") else path
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -88,59 +102,44 @@ def as_mib(nbytes: int) -> int | float:
     return nbytes // MIB if nbytes % MIB == 0 else round(nbytes / MIB, 6)
 
 
-async def fields(request: Request) -> dict[str, Any]:
-    """The JSON body (GET and DELETE too, as documented), over the query string."""
-    data: dict[str, Any] = dict(request.query_params)
-    body = await request.body()
-    if body.strip():
-        try:
-            parsed = json.loads(body)
-        except ValueError as exc:
-            raise BadRequest("the body is not valid JSON") from exc
-        if not isinstance(parsed, dict):
-            raise BadRequest("the body must be a JSON object")
-        data.update(parsed)
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer ") and not data.get("authkey"):
-        data["authkey"] = header[7:].strip()
-    return data
-
-
-def text_field(data: dict[str, Any], name: str) -> str:
-    value = data.get(name)
-    if not isinstance(value, str) or not value:
-        raise BadRequest(f"'{name}' is required and must be a non-empty string")
-    return value
-
-
-def authkey_of(data: dict[str, Any]) -> str:
-    value = data.get("authkey")
-    if not isinstance(value, str) or not value:
-        raise errors.AuthenticationFailed("an authkey is required")
-    return value
-
-
-def mib_field(data: dict[str, Any], name: str) -> int:
-    """A MiB amount given as a JSON number or a numeric string."""
-    value = data.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise BadRequest(f"'{name}' is required and must be a number of MiB")
-    try:
-        return mib_to_bytes(value)
-    except errors.InvalidValue as exc:
-        raise BadRequest(str(exc)) from exc
-
-
 class Shim:
     """Request handlers bound to one service, offload and (optional) mount mirror."""
 
     def __init__(
-        self, access: Access, offload: Offload, holder_id: str, mirror: Mirror | None
+        self,
+        access: Access,
+        offload: Offload,
+        holder_id: str,
+        mirror: Mirror | None,
+        upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self.access = access
         self.offload = offload
         self.holder_id = holder_id
         self.mirror = mirror
+        self.upload_idle_s = upload_idle_s
+        self.max_body_bytes = max_body_bytes
+        # Password checks (argon2, ~0.1 s of CPU each, the GIL released) run on a thread
+        # of their own, one at a time: a flood of logins queues here, never in the
+        # catalog's limiter, which the mount shares.
+        self.passwords = trio.CapacityLimiter(PASSWORD_THREADS)
+        # Long JSON bodies are parsed on a thread, one at a time (INLINE_JSON_BYTES).
+        self.parsing = trio.CapacityLimiter(1)
+
+    async def fields(self, request: Request) -> dict[str, Any]:
+        """The JSON body (GET and DELETE too, as documented), at most ``max_body_bytes``,
+        and the authkey of an ``Authorization: Bearer`` header if the body has none."""
+        body = await read_body(request, self.max_body_bytes)
+        if len(body) <= INLINE_JSON_BYTES:
+            data = parse_object(body)
+        else:
+            parse = functools.partial(parse_object, body, yielding=True)
+            data = await trio.to_thread.run_sync(parse, limiter=self.parsing)
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer ") and not data.get("authkey"):
+            data["authkey"] = header[7:].strip()
+        return data
 
     async def call(self, fn: Any, *args: Any) -> Any:
         if self.mirror is not None:
@@ -150,11 +149,14 @@ class Shim:
 
     # /u/auth ----------------------------------------------------------------
     async def auth(self, request: Request) -> JSONResponse:
-        data = await fields(request)
+        data = await self.fields(request)
         if request.method == "POST":
-            issued = await self.call(
-                self.access.login, text_field(data, "name"), text_field(data, "password")
+            name, password = text_field(data, "name"), text_field(data, "password")
+            user_id, stored = await self.call(self.access.password_hash, name)
+            user_id = await trio.to_thread.run_sync(
+                self.access.check_password, stored, password, user_id, limiter=self.passwords
             )
+            issued = await self.call(self.access.issue, user_id, stored)
         elif request.method == "PATCH":
             issued = await self.call(self.access.renew, authkey_of(data))
         else:
@@ -166,7 +168,7 @@ class Shim:
 
     # /p -----------------------------------------------------------------------
     async def pools(self, request: Request) -> JSONResponse:
-        data = await fields(request)
+        data = await self.fields(request)
         authkey = authkey_of(data)
         if request.method == "GET":
             gid = text_field(data, "gid")
@@ -203,7 +205,7 @@ class Shim:
 
     # /p/media ----------------------------------------------------------------
     async def media(self, request: Request) -> JSONResponse:
-        data = await fields(request)
+        data = await self.fields(request)
         authkey = authkey_of(data)
         if request.method == "GET":
             pid = text_field(data, "pid")
@@ -260,18 +262,8 @@ class Shim:
         )
         try:
             fd = await self.call(upload.open)
-            written = 0
             try:
-                async for chunk in request.stream():
-                    if not chunk:
-                        continue
-                    end = written + len(chunk)
-                    if end > upload.reserved:
-                        if declared is not None:
-                            raise TooLarge("the body is longer than its Content-Length")
-                        await self._grow(upload, end)
-                    os.write(fd, chunk)
-                    written = end
+                written = await self._stream_into(request, upload, fd, declared)
             finally:
                 os.close(fd)
             if declared is not None and written != declared:
@@ -283,6 +275,14 @@ class Shim:
                 await self.call(upload.abort)
             log.info("upload of %r into pool %s: the client disconnected", name, pid)
             return error(400, "the client disconnected before the body was complete")
+        except UploadIdle as exc:
+            # Its grant and file go now; the answer tells a client that is still there.
+            with trio.CancelScope(shield=True):
+                await self.call(upload.abort)
+            log.info("upload of %r into pool %s aborted: %s", name, pid, exc)
+            timeout = error(408, str(exc))
+            timeout.headers["Connection"] = "close"
+            return timeout
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.call(upload.abort)
@@ -291,11 +291,54 @@ class Shim:
             await self.mirror.media_added(view)
         return JSONResponse({"pid": pid, "filename": view.name, "mid": view.id})
 
+    async def _stream_into(
+        self, request: Request, upload: Upload, fd: int, declared: int | None
+    ) -> int:
+        """Write the body into ``fd`` under the upload's growing grant; its length.
+
+        UploadIdle when none of the body arrives for ``upload_idle_s``: the time the
+        server waits for the client, counted from when it has stored the last bytes.
+        Its own work (a grant's transaction, a slow catalog) never counts, and only
+        bytes of the body start the clock again (chunked framing alone does not).
+        One cancel scope covers the whole body and its deadline moves on at most
+        every IDLE_SLACK_S (a scope per 64 KiB chunk costs ~20 us, 0.35 s a GiB), so
+        an idle upload ends between upload_idle_s and IDLE_SLACK_S later.
+        """
+        idle_s = self.upload_idle_s
+        slack = min(IDLE_SLACK_S, idle_s / 10)
+        written = 0
+        more = True
+        with trio.CancelScope(deadline=trio.current_time() + idle_s) as waiting:
+            while more:
+                message = await request.receive()
+                if waiting.cancel_called:  # the deadline passed as this arrived
+                    break
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                more = message.get("more_body", False)
+                chunk = message.get("body", b"")
+                if not chunk:
+                    continue
+                end = written + len(chunk)
+                if end > upload.reserved:
+                    if declared is not None:
+                        raise TooLarge("the body is longer than its Content-Length")
+                    waiting.deadline = math.inf  # the server's own work does not count
+                    await self._grow(upload, end)
+                os.write(fd, chunk)
+                written = end
+                now = trio.current_time()
+                if not now + idle_s <= waiting.deadline < math.inf:
+                    waiting.deadline = now + idle_s + slack
+        if more:  # left before the end of the body: the deadline passed
+            raise UploadIdle(f"no bytes of the body arrived for {idle_s:g} s")
+        return written
+
     async def _grow(self, upload: Upload, end: int) -> None:
-        """Reserve ahead in chunks, one transaction each: 64 MiB far from a limit, a
-        quarter of what is left near it, never less than the chunk that arrived."""
+        """Reserve at most one step ahead of the bytes received, one transaction each
+        (``Upload.grow``): an upload never holds much more room than it has used."""
         try:
-            await self.call(upload.reserve, end - upload.reserved, UPLOAD_CHUNK)
+            await self.call(upload.grow, end)
         except errors.QuotaExceeded as exc:
             raise TooLarge("the upload passes a pool's quota") from exc
 
@@ -304,15 +347,21 @@ class Shim:
 
 
 def create_app(
-    access: Access, offload: Offload, holder_id: str, mirror: Mirror | None = None
+    access: Access,
+    offload: Offload,
+    holder_id: str,
+    mirror: Mirror | None = None,
+    *,
+    upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> AccessLog:
-    shim = Shim(access, offload, holder_id, mirror)
+    shim = Shim(access, offload, holder_id, mirror, upload_idle_s, max_body_bytes)
     routes = [
-        Route("/u/auth", shim.auth, methods=["POST", "PATCH", "DELETE"]),
-        Route("/p", shim.pools, methods=["GET", "PUT", "DELETE"]),
-        Route("/p/media", shim.media, methods=["GET", "PUT", "DELETE"]),
-        Route("/p/media/{authkey}/{pid}/{filename:path}", shim.upload, methods=["PUT"]),
-        Route("/openapi.json", shim.openapi, methods=["GET"]),
+        Route("/u/auth", no_query(shim.auth), methods=["POST", "PATCH", "DELETE"]),
+        Route("/p", no_query(shim.pools), methods=["GET", "PUT", "DELETE"]),
+        Route("/p/media", no_query(shim.media), methods=["GET", "PUT", "DELETE"]),
+        Route("/p/media/{authkey}/{pid}/{filename:path}", no_query(shim.upload), methods=["PUT"]),
+        Route("/openapi.json", no_query(shim.openapi), methods=["GET"]),
     ]
 
     async def refusal(request: Request, exc: Exception) -> JSONResponse:
@@ -323,83 +372,41 @@ def create_app(
         return error(503, "the catalog is unreachable; try again")
 
     async def failure(request: Request, exc: Exception) -> JSONResponse:
-        log.error("%s %s failed: %r", request.method, masked(request.url.path), exc)
+        log.error("%s %s failed: %r", request.method, route_of(request.scope), exc)
         return error(500, "internal error")
+
+    async def routing(request: Request, exc: Exception) -> Response:
+        # Starlette's own 404 (no route) and 405 (with its Allow header), as JSON errors.
+        assert isinstance(exc, HTTPException)
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        response = error(exc.status_code, exc.detail)
+        response.headers.update(exc.headers or {})
+        return response
 
     app = Starlette(
         routes=routes,
         exception_handlers={
             errors.VelocityError: refusal,
             CatalogUnavailable: unavailable,
+            HTTPException: routing,
             Exception: failure,
         },
     )
     return AccessLog(app)
 
 
-class AccessLog:
-    """One log line per request with status and time (authkeys in paths are masked).
+Endpoint = Callable[[Request], Awaitable[Response]]
 
-    It also ends an early answer (a 403/409/413 given before the request body
-    was read) properly: the answer's bytes go out at once, then the rest of the
-    body is read and dropped, and only then is the response ended. Hypercorn
-    closes a connection whose request body is unfinished as soon as the
-    response ends; closing a socket with unread data makes the kernel reset
-    the connection, which destroys the answer in the client's buffers (the
-    client sees "server disconnected without sending a response"). And with
-    its queue of unread body chunks full, Hypercorn cannot end the response
-    anyway.
-    """
 
-    # A client that stops sending its body for this long gets its connection closed.
-    DRAIN_IDLE_S = 10.0
+def no_query(endpoint: Endpoint) -> Endpoint:
+    """No endpoint takes query string parameters: fields travel in the JSON body (the
+    authkey also as ``Authorization: Bearer``) or in the upload's path, so a query
+    string is refused (400) before anything else, its body unread."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    async def checked(request: Request) -> Response:
+        if request.scope.get("query_string"):
+            raise BadRequest("query string parameters are not accepted: send the JSON body")
+        return await endpoint(request)
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.monotonic()
-        state = {"status": 500, "body_done": False}
-
-        async def tracked_receive() -> Any:
-            message = await receive()
-            if message["type"] == "http.disconnect" or not message.get("more_body", False):
-                state["body_done"] = True
-            return message
-
-        async def drain() -> None:
-            while not state["body_done"]:
-                with trio.move_on_after(self.DRAIN_IDLE_S) as idle:
-                    await tracked_receive()
-                if idle.cancelled_caught:
-                    return
-
-        async def send_and_note(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                state["status"] = message["status"]
-            final = message["type"] == "http.response.body" and not message.get("more_body", False)
-            if not final or state["body_done"]:
-                await send(message)
-                return
-            try:
-                if message.get("body"):
-                    await send({**message, "more_body": True})  # the client has its answer
-                await drain()
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError):
-                # The client hung up once it had the answer (e.g. a 413 before its body).
-                log.debug("client gone before the end of an early response")
-
-        try:
-            await self.app(scope, tracked_receive, send_and_note)
-        finally:
-            log.info(
-                "%s %s %d %.1fms",
-                scope["method"],
-                masked(scope["path"]),
-                state["status"],
-                (time.monotonic() - started) * 1000,
-            )
+    return checked

@@ -1,4 +1,9 @@
-"""The OpenAPI 3 description served at /openapi.json; tests check responses against it."""
+"""The OpenAPI 3 description served at /openapi.json; tests check responses against it.
+
+It describes exactly what the server accepts (``tests/test_api_schemathesis.py``
+holds the two to each other), but for one rule JSON Schema cannot say: a name
+(``name``, ``filename``) is at most 255 bytes in UTF-8, not only 255 characters.
+"""
 
 from typing import Any
 
@@ -7,9 +12,30 @@ _ERROR = {
     "required": ["error"],
     "properties": {"error": {"type": "string"}},
 }
-_NUMBER_OR_STRING = {"oneOf": [{"type": "number", "minimum": 0}, {"type": "string"}]}
+# A MiB amount in a request: a JSON number, or a string of decimal digits (app.mib_field).
+MAX_MIB = 10**12 - 1
+MIB_PATTERN = "^[0-9]{1,12}([.][0-9]+)?$"
+_NUMBER_OR_STRING = {
+    "oneOf": [
+        {"type": "number", "minimum": 0, "maximum": MAX_MIB},
+        {"type": "string", "pattern": MIB_PATTERN},
+    ]
+}
 _MIB = {"type": "number", "minimum": 0}
-_ID = {"type": "string"}
+# Text the server takes: not empty, no NUL.
+_TEXT = {"type": "string", "minLength": 1, "pattern": "^[^\\x00]*$"}
+_ID = _TEXT
+# The naming rule of pools and media (service.names.check_name): a directory entry.
+_NAME = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 255,
+    "pattern": "^[^/\\x00]*$",
+    "not": {"enum": [".", ".."]},
+    "description": "at most 255 bytes in UTF-8; no '/' or NUL; not '.' or '..'",
+}
+# A segment of the upload's path (a '/' in it, even %2F, ends the segment).
+_SEGMENT = {"type": "string", "minLength": 1, "pattern": "^[^/]*$"}
 
 
 def _body(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -30,17 +56,20 @@ def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     text = {
         400: "A field is missing or malformed",
-        403: "Missing, unknown or expired authkey, or the caller lacks the permission",
-        404: "Not found",
+        403: "Missing, unknown or expired authkey, or the caller lacks the permission "
+        "on a pool it has some permission on",
+        404: "Not found, or not the caller's to see",
         406: "The quota exceeds the quota of a parent pool",
+        408: "No bytes of the body arrived for upload_idle_s: the upload was aborted",
         409: "The name is already taken",
-        413: "The media exceeds a quota of the pool or an ancestor",
+        413: "The JSON body is longer than api_max_body_bytes, or the media exceeds a "
+        "quota of the pool or an ancestor",
     }
     return {str(c): _json(text[c], _ERROR) for c in codes}
 
 
 _OBJ: dict[str, Any] = {"type": "object"}
-_AUTH = {"authkey": {"type": "string"}}
+_AUTH = {"authkey": {"type": "string", "minLength": 1}}
 _POOL = {
     "type": "object",
     "required": ["pid", "quota_mib", "permissions"],
@@ -83,27 +112,30 @@ OPENAPI: dict[str, Any] = {
         "version": "1.0",
         "description": "Velocity's pool management API. Request fields travel in a JSON "
         "body (also for GET and DELETE); the authkey may instead be sent as "
-        "'Authorization: Bearer'. Numbers may be JSON numbers or numeric strings.",
+        "'Authorization: Bearer'. No endpoint takes query string parameters (400). "
+        "Numbers may be JSON numbers or numeric strings. A JSON body may be at most "
+        "api_max_body_bytes long (1 MiB; 413), nest at most 400 levels deep and hold at "
+        "most 10000 values, counted as the bytes '[', '{', ':' and ',' (400).",
     },
     "paths": {
         "/u/auth": {
             "post": {
                 "summary": "Log in: name and password give an authkey",
                 "requestBody": _body(
-                    {"name": {"type": "string"}, "password": {"type": "string"}},
+                    {"name": _TEXT, "password": _TEXT},
                     ["name", "password"],
                 ),
-                "responses": {"200": _json("Authkey issued", _KEY), **_errors(400, 403)},
+                "responses": {"200": _json("Authkey issued", _KEY), **_errors(400, 403, 413)},
             },
             "patch": {
                 "summary": "Renew an authkey",
                 "requestBody": _body(_AUTH, ["authkey"]),
-                "responses": {"200": _json("Authkey renewed", _KEY), **_errors(400, 403)},
+                "responses": {"200": _json("Authkey renewed", _KEY), **_errors(400, 403, 413)},
             },
             "delete": {
                 "summary": "Drop an authkey",
                 "requestBody": _body(_AUTH, ["authkey"]),
-                "responses": {"200": _json("Dropped", _OBJ), **_errors(400, 403)},
+                "responses": {"200": _json("Dropped", _OBJ), **_errors(400, 403, 413)},
             },
         },
         "/p": {
@@ -119,7 +151,7 @@ OPENAPI: dict[str, Any] = {
                             "properties": {"gid": _ID, "pools": {"type": "array", "items": _POOL}},
                         },
                     ),
-                    **_errors(400, 403, 404),
+                    **_errors(400, 403, 404, 413),
                 },
             },
             "put": {
@@ -128,7 +160,7 @@ OPENAPI: dict[str, Any] = {
                     {
                         **_AUTH,
                         "parentpool": _ID,
-                        "name": {"type": "string"},
+                        "name": _NAME,
                         "quota_mib": _NUMBER_OR_STRING,
                     },
                     ["authkey", "parentpool", "name", "quota_mib"],
@@ -138,13 +170,16 @@ OPENAPI: dict[str, Any] = {
                         "Pool created",
                         {"type": "object", "required": ["pid"], "properties": {"pid": _ID}},
                     ),
-                    **_errors(400, 403, 404, 406, 409),
+                    **_errors(400, 403, 404, 406, 409, 413),
                 },
             },
             "delete": {
                 "summary": "Remove a pool, its subpools and all their media",
                 "requestBody": _body({**_AUTH, "pid": _ID}, ["authkey", "pid"]),
-                "responses": {"200": _json("Pool removed", _OBJ), **_errors(400, 403, 404)},
+                "responses": {
+                    "200": _json("Pool removed", _OBJ),
+                    **_errors(400, 403, 404, 413),
+                },
             },
         },
         "/p/media": {
@@ -160,7 +195,7 @@ OPENAPI: dict[str, Any] = {
                             "properties": {"pid": _ID, "media": {"type": "array", "items": _MEDIA}},
                         },
                     ),
-                    **_errors(400, 403, 404),
+                    **_errors(400, 403, 404, 413),
                 },
             },
             "put": {
@@ -169,7 +204,7 @@ OPENAPI: dict[str, Any] = {
                     {
                         **_AUTH,
                         "pid": _ID,
-                        "filename": {"type": "string"},
+                        "filename": _NAME,
                         "size_mib": _NUMBER_OR_STRING,
                     },
                     ["authkey", "pid", "filename", "size_mib"],
@@ -182,23 +217,27 @@ OPENAPI: dict[str, Any] = {
             "delete": {
                 "summary": "Remove media (needs velocity.pool.media.remove)",
                 "requestBody": _body({**_AUTH, "mid": _ID}, ["authkey", "mid"]),
-                "responses": {"200": _json("Media removed", _OBJ), **_errors(400, 403, 404)},
+                "responses": {
+                    "200": _json("Media removed", _OBJ),
+                    **_errors(400, 403, 404, 413),
+                },
             },
         },
         "/p/media/{authkey}/{pid}/{filename}": {
             "put": {
                 "summary": "Upload media: the raw body becomes the file",
                 "parameters": [
-                    {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-                    for n in ("authkey", "pid", "filename")
+                    {"name": n, "in": "path", "required": True, "schema": schema}
+                    for n, schema in (("authkey", _SEGMENT), ("pid", _SEGMENT), ("filename", _NAME))
                 ],
+                # No body is an empty file.
                 "requestBody": {
-                    "required": True,
+                    "required": False,
                     "content": {"application/octet-stream": {"schema": {"type": "string"}}},
                 },
                 "responses": {
                     "200": _json("Media uploaded", _CREATED),
-                    **_errors(400, 403, 404, 409, 413),
+                    **_errors(400, 403, 404, 408, 409, 413),
                 },
             },
         },

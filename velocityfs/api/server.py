@@ -11,9 +11,10 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from velocityfs.api import DEFAULT_MAX_BODY_BYTES
 from velocityfs.api.app import Mirror, create_app
 from velocityfs.errors import VelocityError
-from velocityfs.service.access import Access
+from velocityfs.service.access import DEFAULT_UPLOAD_IDLE_S, Access
 from velocityfs.service.velocity import Velocity
 from velocityfs.threads import Offload
 
@@ -36,11 +37,20 @@ async def serve_api(
     bind: str,
     *,
     mirror: Mirror | None = None,
+    upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; reports started (with the bound addresses) once the
     socket listens."""
-    app = create_app(Access(velocity), offload, holder_id, mirror)
+    app = create_app(
+        Access(velocity),
+        offload,
+        holder_id,
+        mirror,
+        upload_idle_s=upload_idle_s,
+        max_body_bytes=max_body_bytes,
+    )
     # Stopped by cancellation from the caller's nursery; an explicit trigger also
     # keeps Hypercorn from installing signal handlers of its own.
     never = trio.Event()

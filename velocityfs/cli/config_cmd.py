@@ -17,7 +17,11 @@ def config_check(ctx: Context) -> None:
     """Validate the configuration and say exactly what is wrong."""
     path = ctx.config_path or DEFAULT_CONFIG
     try:
-        settings = load(ctx.config_path, strict=True)
+        settings = load(
+            ctx.config_path,
+            strict=True,
+            warn=lambda note: click.echo(f"{path}: warning: {note}", err=True),
+        )
     except ConfigError as exc:
         for problem in exc.problems:
             click.echo(f"{exc.path}: {problem}", err=True)

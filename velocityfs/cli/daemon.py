@@ -6,7 +6,8 @@ import logging
 import click
 
 from velocityfs.cli.context import Context, pass_ctx, service_errors
-from velocityfs.errors import Conflict
+from velocityfs.config import ALWAYS_CHECKED
+from velocityfs.errors import Conflict, InvalidValue
 from velocityfs.service.accounts import PERMISSIONS
 from velocityfs.service.pools import MIB
 
@@ -30,12 +31,12 @@ def setup_logging(level: str) -> None:
 @click.option(
     "--allow-other/--no-allow-other",
     default=None,
-    help="Let other users (a hypervisor) open media.",
+    help="Let other users (a hypervisor) open media, as their modes and owners allow.",
 )
 @click.option(
     "--default-permissions/--no-default-permissions",
     default=None,
-    help="Let the kernel enforce file modes and owners.",
+    hidden=True,  # deprecated: always on; --no-default-permissions is refused
 )
 @click.option(
     "--attr-timeout", type=float, help="Seconds the kernel may cache names and attributes."
@@ -44,7 +45,9 @@ def setup_logging(level: str) -> None:
     "--api",
     "api_bind",
     metavar="HOST:PORT",
-    help="Also serve the HTTP API in this process (e.g. 127.0.0.1:8080).",
+    help="Also serve the HTTP API in this process (e.g. 127.0.0.1:8080): one failure "
+    "domain for the API and the mount. Without it (and without api_in_mount in the "
+    "configuration) the API is velocityfs serve's, in a process of its own.",
 )
 @click.option("--log-level")
 @pass_ctx
@@ -64,21 +67,26 @@ def mount(
     """
     from velocityfs.daemon import run_mount
 
+    if default_permissions is False:
+        raise InvalidValue(f"--no-default-permissions is gone: {ALWAYS_CHECKED}")
     settings = ctx.settings
     mountpoint = mountpoint or settings.mountpoint
     if not mountpoint:
         raise click.UsageError("no MOUNTPOINT given and none in the configuration")
     setup_logging(log_level or settings.log_level)
+    if default_permissions:
+        logging.getLogger(__name__).warning(
+            "--default-permissions is deprecated: %s (leave the flag out)", ALWAYS_CHECKED
+        )
     run_mount(
         ctx.velocity(),
         mountpoint,
         allow_other=settings.allow_other if allow_other is None else allow_other,
-        default_permissions=(
-            settings.default_permissions if default_permissions is None else default_permissions
-        ),
         attr_timeout=settings.attr_timeout_s if attr_timeout is None else attr_timeout,
-        api_bind=api_bind or settings.api_listen or None,
+        api_bind=api_bind or (settings.api_listen if settings.api_in_mount else None) or None,
         catalog_timeout_s=settings.catalog_timeout_s,
+        upload_idle_s=settings.upload_idle_s,
+        max_body_bytes=settings.api_max_body_bytes,
     )
 
 
@@ -96,6 +104,8 @@ def serve(ctx: Context, bind: str | None, log_level: str | None) -> None:
         ctx.velocity(),
         bind or ctx.settings.api_listen or "127.0.0.1:8080",
         ctx.settings.catalog_timeout_s,
+        ctx.settings.upload_idle_s,
+        ctx.settings.api_max_body_bytes,
     )
 
 

@@ -4,6 +4,11 @@ mount(8) calls ``/sbin/mount.fuse.velocityfs CONFIG MNT -o OPTIONS`` and waits
 for it to return, so the helper starts the daemon detached, waits until the
 mount answers (or the daemon dies), and returns. ``umount MNT`` ends the
 daemon cleanly: the kernel closes its session.
+
+Of the options only ``allow_other`` reaches the daemon. ``default_permissions``
+is always on (the kernel checks modes and owners on every mount), so an fstab
+line that still lists it mounts as before; other options (``_netdev``,
+``noauto``, ...) are mount(8)'s.
 """
 
 import os
@@ -13,7 +18,7 @@ import time
 from pathlib import Path
 
 READY = "velocityfs: mounted"
-PASSED_OPTIONS = {"allow_other", "default_permissions"}
+PASSED_OPTIONS = {"allow_other"}
 LOG_DIR = Path("/var/log/velocityfs")
 
 

@@ -542,4 +542,3 @@ class Releases:
                 node.settled = node.size
                 node.held = False
                 node.dirty = False
-

@@ -25,12 +25,16 @@ READ_AHEAD_KB = 1024
 GC_YOUNG = 20_000
 
 
-def mount_options(*, allow_other: bool, default_permissions: bool) -> set[str]:
-    options = {"fsname=velocityfs", "subtype=velocityfs"}
+def mount_options(*, allow_other: bool) -> set[str]:
+    """The FUSE mount options; ``default_permissions`` always.
+
+    The daemon checks no mode, owner or group itself: with ``allow_other`` and
+    without the kernel's check, every local user could read, write and delete
+    every VM disk on the mount.
+    """
+    options = {"fsname=velocityfs", "subtype=velocityfs", "default_permissions"}
     if allow_other:
         options.add("allow_other")
-    if default_permissions:
-        options.add("default_permissions")
     return options
 
 
@@ -63,7 +67,6 @@ class MountSession:
         mountpoint: str,
         *,
         allow_other: bool,
-        default_permissions: bool,
         attr_timeout: float,
     ) -> None:
         self.mountpoint = mountpoint
@@ -79,7 +82,7 @@ class MountSession:
         pyfuse3.init(
             self.fs.ops,
             mountpoint,
-            mount_options(allow_other=allow_other, default_permissions=default_permissions),
+            mount_options(allow_other=allow_other),
         )
 
     @property

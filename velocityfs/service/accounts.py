@@ -5,6 +5,7 @@ pool and its whole subtree; a user acts through any group it belongs to;
 members of the root group may do everything.
 """
 
+import base64
 import hashlib
 import secrets
 import time
@@ -20,6 +21,7 @@ from velocityfs.catalog.models import AuthKey, Group, Membership, Pool, Share, U
 from velocityfs.errors import (
     AuthenticationFailed,
     Conflict,
+    InvalidName,
     InvalidValue,
     NotFound,
 )
@@ -43,12 +45,43 @@ PERMISSIONS = (
 
 DEFAULT_AUTHKEY_LIFETIME_S = 3600
 
-_hasher = PasswordHasher()
-
 
 def _key_hash(authkey: str) -> str:
-    """Authkeys are 256-bit random tokens, so a plain SHA-256 is enough to store them."""
-    return hashlib.sha256(authkey.encode()).hexdigest()
+    """Authkeys are 256-bit random tokens, so a plain SHA-256 is enough to store them.
+
+    Any string hashes (a lone surrogate from a JSON body too): one that is no
+    authkey then simply matches none.
+    """
+    return hashlib.sha256(authkey.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _could_be_name(name: str) -> bool:
+    """Whether a user could have this name (users are made under the naming rule); the
+    catalog is not asked for others (PostgreSQL refuses a NUL in a string)."""
+    try:
+        check_name(name)
+    except InvalidName:
+        return False
+    return True
+
+
+def unknown_user_hash(hasher: PasswordHasher) -> str:
+    """An argon2 hash with ``hasher``'s parameters that no password matches.
+
+    A login for a user that does not exist verifies against it, so it costs
+    what a wrong password costs: the time of an answer does not tell whether a
+    user exists. Made without hashing (a random salt and digest in argon2's
+    encoding), as verifying costs the parameters written in it.
+    """
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode("ascii").rstrip("=")
+
+    return (
+        f"$argon2{hasher.type.name.lower()}$v=19"
+        f"$m={hasher.memory_cost},t={hasher.time_cost},p={hasher.parallelism}"
+        f"${b64(secrets.token_bytes(hasher.salt_len))}${b64(secrets.token_bytes(hasher.hash_len))}"
+    )
 
 
 def check_permissions(permissions: list[str]) -> list[str]:
@@ -114,10 +147,13 @@ class AccountService:
         database: Database,
         chains: Chains,
         authkey_lifetime_s: int = DEFAULT_AUTHKEY_LIFETIME_S,
+        hasher: PasswordHasher | None = None,
     ) -> None:
         self.db = database
         self.chains = chains
         self.authkey_lifetime_s = authkey_lifetime_s
+        self.hasher = hasher or PasswordHasher()
+        self._unknown_user_hash = unknown_user_hash(self.hasher)
 
     # users -----------------------------------------------------------------
     def add_user(self, name: str, password: str) -> str:
@@ -127,7 +163,7 @@ class AccountService:
         with self.db.transaction() as s:
             if s.execute(select(User.id).where(User.name == name)).first():
                 raise Conflict(f"user '{name}' exists")
-            user = User(name=name, password_hash=_hasher.hash(password))
+            user = User(name=name, password_hash=self.hasher.hash(password))
             s.add(user)
             s.flush()
             return user.id
@@ -137,7 +173,7 @@ class AccountService:
             raise InvalidValue("password must not be empty")
         with self.db.transaction() as s:
             user = self._user(s, name)
-            user.password_hash = _hasher.hash(password)
+            user.password_hash = self.hasher.hash(password)
             s.execute(delete(AuthKey).where(AuthKey.user_id == user.id))
 
     def remove_user(self, name: str) -> None:
@@ -312,17 +348,49 @@ class AccountService:
 
     # authkeys --------------------------------------------------------------
     def login(self, name: str, password: str) -> IssuedKey:
-        """Check a password and issue an authkey; any failure reads the same."""
+        """Check a password and issue an authkey; any failure reads the same.
+
+        Three steps, which the API runs apart (the verification on a thread of its
+        own, so that logins never hold up catalog calls): ``password_hash`` reads
+        the user, ``check_password`` verifies without the catalog, ``issue``
+        makes the key. An unknown user costs one argon2 verification too (against
+        ``unknown_user_hash``), as a wrong password does.
+        """
+        user_id, stored = self.password_hash(name)
+        return self.issue(self.check_password(stored, password, user_id), stored)
+
+    def password_hash(self, name: str) -> tuple[str | None, str]:
+        """A user's id and password hash, or (None, a hash no password matches) for a
+        name no user has: one read, no write lock."""
+        if _could_be_name(name):
+            with self.db.reading() as s:
+                row = s.execute(
+                    select(User.id, User.password_hash).where(User.name == name)
+                ).one_or_none()
+            if row is not None:
+                return row.id, row.password_hash
+        return None, self._unknown_user_hash
+
+    def check_password(self, stored: str, password: str, user_id: str | None) -> str:
+        """``user_id`` if ``password`` matches ``stored``, else AuthenticationFailed; an
+        argon2 verification (~0.1 s of CPU) either way, and no catalog."""
+        try:
+            self.hasher.verify(stored, password)
+            if user_id is None:
+                raise VerificationError("no such user")
+        except (VerificationError, InvalidHashError, UnicodeError) as exc:
+            raise AuthenticationFailed("wrong user name or password") from exc
+        return user_id
+
+    def issue(self, user_id: str, checked: str) -> IssuedKey:
+        """A new authkey for a user whose password (hash ``checked``) was just checked;
+        refused if it has changed since, or the user is gone."""
+        authkey = secrets.token_urlsafe(32)
+        expires = time.time_ns() + self.authkey_lifetime_s * 1_000_000_000
         with self.db.transaction() as s:
-            user = s.execute(select(User).where(User.name == name)).scalar_one_or_none()
-            try:
-                if user is None:
-                    raise VerificationError("no such user")
-                _hasher.verify(user.password_hash, password)
-            except (VerificationError, InvalidHashError) as exc:
-                raise AuthenticationFailed("wrong user name or password") from exc
-            authkey = secrets.token_urlsafe(32)
-            expires = time.time_ns() + self.authkey_lifetime_s * 1_000_000_000
+            user = s.get(User, user_id)
+            if user is None or user.password_hash != checked:
+                raise AuthenticationFailed("wrong user name or password")
             s.add(AuthKey(user_id=user.id, key_hash=_key_hash(authkey), expires_ns=expires))
             return IssuedKey(authkey, user.id, expires)
 

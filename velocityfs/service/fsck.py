@@ -1,11 +1,13 @@
 """Compare the catalog with the backing files, report each problem, repair on request.
 
 Checks: stale grants of dead processes; media whose bytes are missing; sizes
-that disagree with the disk; orphan files (no catalog row), including the
-leftovers of interrupted uploads and moves and the spare files and unreplayed
-create journals of processes that are gone; DEFAULT paths that do not lead
-to the media's volume (dangling or wrong compatibility symlinks, and moves
-interrupted between copy and commit); usage totals per pool.
+that disagree with the disk; backing files other users may open (not 0600,
+as ``set-volume`` of earlier versions left them); orphan files (no catalog
+row), including the leftovers of interrupted uploads and moves and the spare
+files and unreplayed create journals of processes that are gone; DEFAULT
+paths that do not lead to the media's volume (dangling or wrong compatibility
+symlinks, and moves interrupted between copy and commit); usage totals per
+pool.
 
 Catalog rows win, except where only the disk still has the bytes: an
 interrupted move whose copy is the one authoritative file is finished, not
@@ -18,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ from velocityfs.service.chains import adjust
 from velocityfs.service.pools import subtree_ids
 from velocityfs.service.removals import record_removals
 from velocityfs.service.velocity import Velocity
+from velocityfs.store.backing import FILE_MODE
 from velocityfs.store.journal import journals, read_journal
 from velocityfs.store.spares import spare_dirs
 
@@ -133,7 +137,16 @@ class Fsck:
                     f"{label}: DEFAULT path {default} should link to {expected} ({state})",
                     lambda: self._repoint(media.volume, media.id),
                 )
-        size = home.stat().st_size
+        st = home.stat()
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            yield Problem(
+                "backing-mode",
+                f"{label}: backing file {home} has mode {mode:04o}: other users may open it "
+                f"(backing files are {FILE_MODE:04o})",
+                functools.partial(os.chmod, home, FILE_MODE),
+            )
+        size = st.st_size
         if size != media.size:
             yield Problem(
                 "size",
@@ -152,6 +165,7 @@ class Fsck:
         return None
 
     def _adopt_volume(self, media_id: str, volume: str) -> None:
+        os.chmod(self.backing.path(volume, media_id), FILE_MODE)  # the copy becomes the file
         with self.v.db.transaction() as s:
             s.execute(update(Media).where(Media.id == media_id).values(volume=volume))
         self.backing.point_default(volume, media_id)

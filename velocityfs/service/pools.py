@@ -24,6 +24,8 @@ from velocityfs.service.removals import record_removals
 from velocityfs.service.views import PoolView, apply_attrs
 
 MIB = 1 << 20
+# The most bytes a quota or a size may be: what the catalog's BIGINT columns hold.
+MAX_BYTES = (1 << 63) - 1
 
 
 def pool_view(pool: Pool) -> PoolView:
@@ -332,4 +334,7 @@ def mib_to_bytes(mib: int | float | str) -> int:
     # NaN and infinities ("inf", or a JSON 1e999) are no amount of bytes.
     if value < 0 or not math.isfinite(value):
         raise InvalidValue(f"MiB must be a non-negative number: {mib!r}")
+    # Nor is more than the catalog's 64-bit columns hold (1e308 MiB overflows a float).
+    if value * MIB > MAX_BYTES:
+        raise InvalidValue(f"MiB must be at most {MAX_BYTES // MIB}: {mib!r}")
     return int(value * MIB)

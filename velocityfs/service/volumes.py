@@ -23,7 +23,7 @@ from velocityfs.catalog.models import DEFAULT_VOLUME, Grant, Media, Volume
 from velocityfs.catalog.prepared import Prepared
 from velocityfs.errors import Busy, Conflict, InvalidValue, NotFound
 from velocityfs.service.names import check_name
-from velocityfs.store.backing import BackingStore
+from velocityfs.store.backing import FILE_MODE, BackingStore, make_dirs
 
 COPY_CHUNK = 8 << 20
 
@@ -64,7 +64,7 @@ class VolumeService:
         directory = self.backing.volume_dir(name)
         if not directory.is_dir():
             raise NotFound(f"{directory} does not exist: mount the volume's disk there first")
-        (directory / "media").mkdir(exist_ok=True)
+        make_dirs(directory / "media")
         with self.db.transaction() as s:
             if s.get(Volume, name) is not None:
                 raise Conflict(f"volume '{name}' exists")
@@ -149,7 +149,7 @@ class VolumeService:
         if before.st_blocks * 512 > room:
             raise Busy(f"volume '{target}' has {room} bytes free, {before.st_blocks * 512} needed")
         staging = self.backing.moving_path(target, media_id)
-        staging.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(staging.parent)
         try:
             _copy_sparse(src, staging, progress)
             with self.db.transaction() as s:
@@ -180,9 +180,21 @@ class VolumeService:
             raise Busy("the media is open for writing: close it and try again")
 
 
+def _backing_opener(path: str, flags: int) -> int:
+    """Open a move's copy as a backing file: ``FILE_MODE`` whatever the umask, and whatever
+    mode a staging file that a killed move left there had (O_TRUNC keeps a file's mode)."""
+    fd = os.open(path, flags, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _copy_sparse(src: Path, dst: Path, progress: Callable[[int], None] | None) -> None:
     """Copy keeping holes (a 100 GiB sparse VM disk stays sparse), then fsync."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    with open(src, "rb") as fin, open(dst, "wb", opener=_backing_opener) as fout:
         size = os.fstat(fin.fileno()).st_size
         offset = 0
         while offset < size:

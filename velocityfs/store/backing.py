@@ -3,6 +3,11 @@
 Volume DEFAULT is the store's top directory and volume NAME lives at
 ``TOP/vol/NAME``, as in Koji; a media's file is ``<volume>/media/<2 hex>/<mid>``
 so renames and moves between pools never touch the disk.
+
+Every backing file is ``FILE_MODE`` (0600: the daemon's user only), however it
+is made: the mount decides who may open a media, by the modes it shows. Modes
+are given where files and directories are made, never left to the umask,
+which may be 0.
 """
 
 import os
@@ -10,6 +15,22 @@ import shutil
 from pathlib import Path
 
 from velocityfs.catalog.models import DEFAULT_VOLUME
+
+FILE_MODE = 0o600
+DIR_MODE = 0o755
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` making every directory ``DIR_MODE`` (a umask can only narrow it);
+    ``Path.mkdir(parents=True)`` gives the parents 0777 less the umask."""
+    try:
+        path.mkdir(DIR_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+    except FileNotFoundError:
+        make_dirs(path.parent)
+        path.mkdir(DIR_MODE, exist_ok=True)
 
 
 class BackingStore:
@@ -68,7 +89,7 @@ class BackingStore:
             os.symlink(target, link)
             return
         except FileNotFoundError:
-            link.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(link.parent)
         except FileExistsError:
             pass
         staging = link.with_suffix(".link")
@@ -78,17 +99,17 @@ class BackingStore:
 
     def ensure_layout(self) -> None:
         """Create the store top and its DEFAULT ``media/`` directory."""
-        (self.top / "media").mkdir(parents=True, exist_ok=True)
+        make_dirs(self.top / "media")
 
     def create(self, volume: str, media_id: str, size: int = 0) -> Path:
         """Create an empty (sparse) backing file of ``size`` bytes; refuse to reuse one."""
         path = self.path(volume, media_id)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
         try:
-            fd = os.open(path, flags, 0o600)
+            fd = os.open(path, flags, FILE_MODE)
         except FileNotFoundError:  # the first media of its 2-hex bucket
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, flags, 0o600)
+            make_dirs(path.parent)
+            fd = os.open(path, flags, FILE_MODE)
         try:
             if size:
                 os.ftruncate(fd, size)

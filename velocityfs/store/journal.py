@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from velocityfs.store.backing import make_dirs
+
 JOURNAL_DIR = Path("media") / ".journal"
 
 
@@ -31,7 +33,7 @@ class CreateJournal:
 
     def __init__(self, top: Path, holder_id: str) -> None:
         directory = journal_dir(top)
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(directory)
         self.path = directory / holder_id
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 

@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 
 from velocityfs.catalog.models import new_id
-from velocityfs.store.backing import BackingStore
+from velocityfs.store.backing import FILE_MODE, BackingStore, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class SpareFiles:
         except FileNotFoundError:
             if not os.path.exists(spare):
                 return None  # its volume went away under us
-            final.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(final.parent)
             os.rename(spare, final)
         return media_id
 
@@ -118,11 +118,11 @@ class SpareFiles:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         while len(ready) < TARGET and not self._stopped:
             directory = home / str(next(self._refills))
-            directory.mkdir(parents=True)
+            make_dirs(directory)
             chunk = []
             for media_id in (new_id() for _ in range(CHUNK)):
                 spare = f"{directory}/{media_id}"
-                os.close(os.open(spare, flags, 0o600))
+                os.close(os.open(spare, flags, FILE_MODE))  # as BackingStore.create
                 chunk.append((spare, media_id))
             ready.extend(chunk)
 
