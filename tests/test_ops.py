@@ -600,7 +600,8 @@ def access_lines(log: str) -> list[tuple[str, str, int]]:
 
 
 def api_requests(port: int, pid: str) -> tuple[list[tuple[str, str, int]], str]:
-    """A few requests of every kind; returns (method, logged path, status) each, and the key."""
+    """A few requests of every kind; returns (method, logged route template, status) each,
+    and the key."""
     made = []
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
         res = http.post("/u/auth", json={"name": "alice", "password": "pw"})
@@ -613,13 +614,13 @@ def api_requests(port: int, pid: str) -> tuple[list[tuple[str, str, int]], str]:
         made.append(("GET", "/p/media", res.status_code))
         res = http.put(f"/p/media/{key}/{pid}/upload.iso", content=pattern(MIB))
         assert res.status_code == 200, res.text
-        made.append(("PUT", "/p/media/<authkey>/...", 200))
+        made.append(("PUT", "/p/media/{authkey}/{pid}/{filename:path}", 200))
         res = http.put(f"/p/media/{key}/{pid}/upload.iso", content=b"again")
-        made.append(("PUT", "/p/media/<authkey>/...", res.status_code))
+        made.append(("PUT", "/p/media/{authkey}/{pid}/{filename:path}", res.status_code))
         res = http.get("/openapi.json")
         made.append(("GET", "/openapi.json", res.status_code))
         res = http.get("/nowhere")
-        made.append(("GET", "/nowhere", res.status_code))
+        made.append(("GET", "(unmatched)", res.status_code))  # its path is not logged
     assert [s for _m, _p, s in made] == [200, 200, 403, 200, 409, 200, 404]
     return made, key
 
