@@ -10,7 +10,8 @@ Both kinds of process live the same life, and it is written once, here:
 4. serve: the kernel mount (``fs.session``) and/or the API (``api.server``);
 5. end on SIGINT or SIGTERM (``systemctl stop``), telling systemd both ways;
 6. on the way out, whatever happened: commit the last batch, retire the
-   holder (its lease expires instead if the catalog is away), close.
+   holder (its lease expires instead if the catalog is away), remove its
+   upload directories, close.
 
 This module sits above the adapters: ``fs`` and ``api`` never import each
 other, the CLI calls ``run_mount`` and ``run_serve``.
@@ -224,11 +225,13 @@ async def _announce(role: Role) -> None:
 
 
 def _retire(velocity: Velocity, holder_id: str, ended: str) -> None:
-    """Step 6: the last batch, the holder, the catalog."""
+    """Step 6: the last batch, the holder, the catalog; and this process's upload
+    directories, which fsck would otherwise report as a gone process's leftovers."""
     try:
         velocity.media.end_creates()
         velocity.ledger.retire_holder(holder_id)
     except Exception as exc:  # the catalog is away: the lease expires instead
         log.warning("could not retire this process's lease (%s); it will expire", exc)
+    velocity.backing.discard_uploads(holder_id)
     log.info("%s; %d catalog transactions committed", ended, velocity.db.commits)
     velocity.close()
