@@ -655,3 +655,37 @@ def test_daemon_logs_api_requests(vcli, catalog_url, store_dir, mount):
     assert not [line for line in quiet.log.splitlines() if line.startswith("INFO")], quiet.log
     assert key not in quiet.log
     assert "velocityfs: mounted" in quiet.log
+
+
+def counts_lines(log: str) -> list[dict[str, int]]:
+    """Each ``velocityfs: counts k=v ...`` line of a daemon's log, as a dict."""
+    return [
+        {key: int(value) for key, value in (pair.split("=") for pair in line.split()[2:])}
+        for line in log.splitlines()
+        if line.startswith("velocityfs: counts ")
+    ]
+
+
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
+def test_the_mount_counts_requests_and_transactions_on_sigusr1_and_at_exit(catalog, mount):
+    catalog.setup({"tenants": 64})
+    m = mount("--log-level", "WARNING")  # the counts are printed whatever the level
+    pool = m / "tenants"
+    os.kill(m.pid, signal.SIGUSR1)
+    wait_for(lambda: len(counts_lines(m.log)) == 1, what="the first counts line")
+    for i in range(10):
+        (pool / f"vm-{i}.img").write_bytes(b"x" * 4096)
+    os.listdir(pool)
+    os.kill(m.pid, signal.SIGUSR1)
+    wait_for(lambda: len(counts_lines(m.log)) == 2, what="the second counts line")
+    m.stop()
+    before, after, at_exit = counts_lines(m.log)
+    assert after["create"] - before.get("create", 0) == 10
+    assert after["write"] - before.get("write", 0) >= 10
+    assert after["release"] - before.get("release", 0) == 10
+    assert after["requests"] == sum(
+        n for k, n in after.items() if k not in ("requests", "transactions")
+    )
+    assert after["transactions"] > before["transactions"]
+    assert at_exit["requests"] >= after["requests"]
+    assert at_exit["transactions"] >= after["transactions"]

@@ -17,6 +17,7 @@ import grp
 import os
 import pwd
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -110,6 +111,7 @@ class VelocityOperations(pyfuse3.Operations):
         self.changes = changes
         self.attr_timeout = attr_timeout
         self.handles: dict[int, Handle] = {}
+        self.requests: Counter[str] = Counter()  # counted by the fault boundary
         self._next_fh = 1
         self.dir_handles: dict[int, list[tuple[str, Node]]] = {}
 
