@@ -171,7 +171,7 @@ def test_every_endpoint_checks_the_authkey(api_mount, catalog_url):
     # The live key works on every endpoint, also as Bearer.
     auth = bearer(live)
     listed = api.call("GET", "/p", {"gid": s.gids["acme"]}, headers=auth)
-    assert [p["pid"] for p in listed["pools"]] == [tenants]
+    assert [p["pid"] for p in listed["pools"]] == [tenants, vm]
     sub = api.call("PUT", "/p", {"parentpool": vm, "name": "sub", "quota_mib": 10}, headers=auth)[
         "pid"
     ]

@@ -85,12 +85,12 @@ def test_groups_are_isolated(api_mount):
     assert (s.mount / "tenants" / "vm" / "a.img").read_bytes() == b"alice's" * 1000
 
     # Each still sees only their own pools.
-    assert [p["name"] for p in api.pools(alice, s.gids["acme"])["pools"]] == ["tenants"]
-    assert [p["name"] for p in api.pools(bob, s.gids["globex"])["pools"]] == ["isos"]
+    assert [p["name"] for p in api.pools(alice, s.gids["acme"])["pools"]] == ["tenants", "vm"]
+    assert [p["name"] for p in api.pools(bob, s.gids["globex"])["pools"]] == ["isos", "sub"]
 
     # The root group may act on both sides.
     admin = s.key("admin")
-    assert [p["pid"] for p in api.pools(admin, s.gids["globex"])["pools"]] == [isos]
+    assert [p["pid"] for p in api.pools(admin, s.gids["globex"])["pools"]] == [isos, isos_sub]
     assert {m["mid"] for m in api.media(admin, isos)["media"]} == {bob_iso}
     assert api.delete_media(admin, bob_img) == {}
     assert api.delete_media(admin, alice_raw) == {}

@@ -38,38 +38,51 @@ def test_get_pools(api_mount):
     acme, globex, viewers, root = (s.gids[g] for g in ("acme", "globex", "viewers", "root"))
     tenants, isos = s.pids["tenants"], s.pids["isos"]
 
-    # acme: tenants (shared with view); not 'hidden' (shared with acme, but without view).
+    # acme: tenants (shared with view) and, as shares are inherited, its subpools, root
+    # first, each with its parent, its quota (its own or the one it inherits) and the
+    # room really left; not 'hidden' (shared with acme, but without view).
+    def pool(path: str, parent: str | None, quota: float, used: float, avail: float) -> dict:
+        return {
+            "pid": s.pids[path],
+            "name": path.rpartition("/")[2],
+            "parent": parent,
+            "quota_mib": quota,
+            "used_mib": used,
+            "avail_mib": avail,
+            "permissions": ALL_PERMISSIONS,
+        }
+
     listed = api.pools(s.key("alice"), acme)
     assert listed == {
         "gid": acme,
         "pools": [
-            {
-                "pid": tenants,
-                "name": "tenants",
-                "parent": None,
-                "quota_mib": 1024,
-                "used_mib": 0,
-                "permissions": ALL_PERMISSIONS,
-            }
+            pool("tenants", None, 1024, 0, 1024),
+            pool("tenants/inherit", tenants, 1024, 0, 1024),
+            pool("tenants/vm", tenants, 100, 0, 100),
         ],
     }
 
-    # used_mib follows the media of the whole subtree, fractions included.
+    # used_mib follows the media of the whole subtree, fractions included; avail_mib is
+    # the least room left on the pool's chain.
     api.create_media(s.key("alice"), s.pids["tenants/vm"], "a.img", 3)
     api.create_media(s.key("alice"), tenants, "b.img", "0.5")
-    (pool,) = api.pools(s.key("alice"), acme)["pools"]
-    assert pool["used_mib"] == 3.5 and pool["quota_mib"] == 1024
+    assert api.pools(s.key("alice"), acme)["pools"] == [
+        pool("tenants", None, 1024, 3.5, 1020.5),
+        pool("tenants/inherit", tenants, 1024, 0, 1020.5),
+        pool("tenants/vm", tenants, 100, 3, 97),
+    ]
 
-    # viewers: tenants with their two permissions, and the subpool shared with view,
-    # whose quota is the one it inherits.
+    # viewers: tenants and its subpools, each with the permissions of every share on its
+    # chain (tenants' view and media.view; inherit's own view adds nothing).
     pools = api.pools(s.key("vera"), viewers)["pools"]
     assert [(p["name"], p["pid"], p["parent"]) for p in pools] == [
-        ("inherit", s.pids["tenants/inherit"], tenants),
         ("tenants", tenants, None),
+        ("inherit", s.pids["tenants/inherit"], tenants),
+        ("vm", s.pids["tenants/vm"], tenants),
     ]
-    assert pools[0]["permissions"] == ["velocity.pool.view"]
-    assert pools[0]["quota_mib"] == 1024 and pools[0]["used_mib"] == 0
-    assert pools[1]["permissions"] == ["velocity.pool.media.view", "velocity.pool.view"]
+    assert {tuple(p["permissions"]) for p in pools} == {
+        ("velocity.pool.media.view", "velocity.pool.view")
+    }
 
     # globex: isos; its share of tenants/vm has no view, so vm is not listed.
     assert [p["pid"] for p in api.pools(s.key("bob"), globex)["pools"]] == [isos]

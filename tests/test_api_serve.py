@@ -131,8 +131,10 @@ def test_standalone_serve(cli, standalone, catalog_url, store_dir):
 
         # Shares are read from the catalog on every request: a change shows at once.
         cli("share", "tenants", "ops", "--all", check=True)
-        (pool,) = api.pools(key, gid)["pools"]
-        assert "velocity.pool.media.read" in pool["permissions"]
+        pool, subpool = api.pools(key, gid)["pools"]  # a subpool is listed, shares inherited
+        assert (subpool["pid"], subpool["parent"], subpool["quota_mib"]) == (sub, tenants, 32)
+        for listed in (pool, subpool):
+            assert "velocity.pool.media.read" in listed["permissions"]
 
         # Removal takes the backing files.
         assert api.delete_media(key, disk["mid"]) == {}

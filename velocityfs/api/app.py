@@ -183,6 +183,7 @@ class Shim:
                             "parent": s.pool.parent_id,
                             "quota_mib": as_mib(s.quota_bytes),
                             "used_mib": as_mib(s.pool.used_bytes),
+                            "avail_mib": as_mib(s.avail_bytes),
                             "permissions": s.permissions,
                         }
                         for s in shared

@@ -79,6 +79,7 @@ _POOL = {
         "parent": {"type": ["string", "null"]},
         "quota_mib": _MIB,
         "used_mib": _MIB,
+        "avail_mib": _MIB,
         "permissions": {"type": "array", "items": {"type": "string"}},
     },
 }

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
 
 from velocityfs.errors import Conflict, InvalidName, NotFound, PermissionDenied
 from velocityfs.service.accounts import Caller, IssuedKey
 from velocityfs.service.names import check_name
 from velocityfs.service.velocity import Velocity
-from velocityfs.service.views import Creator, MediaView, PoolView
+from velocityfs.service.views import Creator, ListedPool, MediaView, PoolView
 from velocityfs.store.backing import FILE_MODE, make_dirs
 
 VIEW = "velocity.pool.view"
@@ -43,15 +42,6 @@ DEFAULT_UPLOAD_IDLE_S = 60.0
 # a limit never more than a quarter of the room left). One catalog transaction a step.
 UPLOAD_FIRST_STEP = 1 << 20
 UPLOAD_STEP = 8 << 20
-
-
-@dataclass(frozen=True)
-class SharedPool:
-    """A pool as listed for a group: the pool and the group's permissions on it."""
-
-    pool: PoolView
-    quota_bytes: int
-    permissions: list[str]
 
 
 class Access:
@@ -110,8 +100,9 @@ class Access:
         raise PermissionDenied(f"{permission} is not granted on pool {pool_id}")
 
     # pools -----------------------------------------------------------------
-    def group_pools(self, authkey: str, group_id: str) -> tuple[str, list[SharedPool]]:
-        """The group's id and its pools' shares that carry ``velocity.pool.view``.
+    def group_pools(self, authkey: str, group_id: str) -> tuple[str, list[ListedPool]]:
+        """The group's id and the pools it may view: those its shares with
+        ``velocity.pool.view`` reach, subpools included.
 
         ``group_id`` may also be the group's name. The caller must belong to
         the group or to the root group; any other group does not exist for it.
@@ -119,17 +110,12 @@ class Access:
         caller = self.v.accounts.identify(authkey)
         try:
             check_name(group_id, "group")  # an id or a name: either passes the naming rule
-            gid, shares = self.v.accounts.viewable_shares(group_id)
+            gid, pools = self.v.accounts.group_pools(group_id)
         except (NotFound, InvalidName):
             raise no_group(group_id) from None
         if gid not in caller.group_ids and not caller.is_root:
             raise no_group(group_id)
-        listed = [
-            SharedPool(pool, quota, permissions)
-            for pool, quota, permissions in shares
-            if VIEW in permissions
-        ]
-        return gid, sorted(listed, key=lambda s: s.pool.name)
+        return gid, [listed for listed in pools if VIEW in listed.permissions]
 
     def create_pool(
         self, authkey: str, parent_id: str, name: str, quota_bytes: int | None

@@ -28,7 +28,7 @@ from velocityfs.errors import (
 from velocityfs.service.chains import Chains
 from velocityfs.service.names import check_name
 from velocityfs.service.pools import pool_view
-from velocityfs.service.views import PoolView
+from velocityfs.service.views import ListedPool
 
 ROOT_GROUP = "root"
 
@@ -281,10 +281,10 @@ class AccountService:
                 row.permissions = ",".join(perms)
             return ShareView(pool_id, g.id, perms)
 
-    def viewable_shares(self, group_ref: str) -> tuple[str, list[tuple[PoolView, int, list[str]]]]:
-        """A group's id (``group_ref`` is its id or name) and its shares, each with the
-        pool, the pool's effective quota (its own or the nearest ancestor's) and the
-        permissions: one transaction, for ``GET /p``."""
+    def group_pools(self, group_ref: str) -> tuple[str, list[ListedPool]]:
+        """A group's id (``group_ref`` is its id or name) and every pool its shares reach:
+        the shared pools and all their subpools, as shares are inherited, root first.
+        One transaction that reads the pools table once, for ``GET /p``."""
         with self.db.transaction() as s:
             group = (
                 s.get(Group, group_ref)
@@ -292,20 +292,32 @@ class AccountService:
             )
             if group is None:
                 raise NotFound(f"no group {group_ref}")
-            listed = []
-            for share, pool in s.execute(
-                select(Share, Pool)
-                .join(Pool, Pool.id == Share.pool_id)
-                .where(Share.group_id == group.id)
-            ).all():
-                quota = pool.quota_bytes
-                parent = pool.parent_id
-                while quota is None and parent is not None:
-                    ancestor = s.get(Pool, parent)
-                    assert ancestor is not None
-                    quota, parent = ancestor.quota_bytes, ancestor.parent_id
-                listed.append((pool_view(pool), quota or 0, share.permissions.split(",")))
-            return group.id, listed
+            shares = {
+                share.pool_id: set(share.permissions.split(","))
+                for share in s.execute(select(Share).where(Share.group_id == group.id)).scalars()
+            }
+            pools = {pool.id: pool for pool in s.execute(select(Pool)).scalars()}
+        listed = []
+        for pool in pools.values():
+            chain = [pool]
+            while chain[-1].parent_id is not None:
+                chain.append(pools[chain[-1].parent_id])
+            permissions = set().union(*(shares.get(p.id, set()) for p in chain))
+            if not permissions:
+                continue
+            quotas = [p for p in chain if p.quota_bytes is not None]
+            listed.append(
+                ListedPool(
+                    pool=pool_view(pool),
+                    path="/".join(p.name for p in reversed(chain)),
+                    quota_bytes=(quotas[0].quota_bytes or 0) if quotas else 0,
+                    avail_bytes=min(
+                        (max(0, (p.quota_bytes or 0) - p.used_bytes) for p in quotas), default=0
+                    ),
+                    permissions=sorted(permissions),
+                )
+            )
+        return group.id, sorted(listed, key=lambda p: p.path.split("/"))
 
     def shares_of_pool(self, pool_id: str) -> list[ShareView]:
         with self.db.transaction() as s:

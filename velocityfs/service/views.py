@@ -58,6 +58,19 @@ class Creator:
     groups: frozenset[str] = frozenset()
 
 
+@dataclass(frozen=True)
+class ListedPool:
+    """A pool as ``GET /p`` lists it for a group: where it sits, its quota (its own or
+    the nearest ancestor's), the room really left (the least any pool on its chain
+    has), and the group's permissions on it (its shares on the pool or an ancestor)."""
+
+    pool: PoolView
+    path: str
+    quota_bytes: int
+    avail_bytes: int
+    permissions: list[str]
+
+
 def attr_changes(**changes: int | None) -> dict[str, int]:
     """The columns that setting metadata (mode, uid, gid, atime_ns, mtime_ns) changes.
 
