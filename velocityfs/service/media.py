@@ -34,7 +34,7 @@ from velocityfs.service.names import check_name
 from velocityfs.service.pools import name_taken
 from velocityfs.service.removals import record_removals
 from velocityfs.service.views import Creator, MediaView, attr_changes
-from velocityfs.store.backing import FILE_MODE, BackingStore, make_dirs
+from velocityfs.store.backing import FILE_MODE, BackingStore
 from velocityfs.store.journal import CreateJournal, discard_journal, read_journal
 from velocityfs.store.spares import SpareFiles
 
@@ -337,7 +337,7 @@ class MediaService:
             conn.execute(delete(GRANTS).where(GRANTS.c.id == grant_id))
             _INSERT_MEDIA.execute(conn, row)
             final = self.backing.path(volume, media_id)
-            make_dirs(final.parent)
+            self.backing.make_media_dirs(volume, final.parent)
             os.chmod(upload_path, FILE_MODE)  # a backing file, however the upload made it
             os.rename(upload_path, final)
             self.backing.point_default(volume, media_id)
