@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from support.admin import (
     MIB,
@@ -27,15 +28,18 @@ from support.admin import (
     volume_file,
     write_config,
 )
+from support.api import free_port
 from support.fs import sync_dir
 
 from velocityfs.errors import VelocityError
+from velocityfs.service.accounts import PERMISSIONS
+from velocityfs.service.presence import CHECK_S
 
 SQLITE_ONLY = pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
 POLICY = "name *.ext :: ext\nall :: DEFAULT"
 MARKER = ".velocityfs-volume"
-# How long a process may go on believing a volume is (or is not) there.
-MARKER_CHECK_S = 1.0
+# Long enough for a mount to stop believing what it last saw of a volume.
+MARKER_CHECK_S = 2 * CHECK_S
 
 
 def written(path: Path) -> list[str]:
@@ -129,15 +133,24 @@ def test_a_volume_whose_disk_is_not_mounted_takes_nothing_and_loses_nothing(
 
 @SQLITE_ONLY
 def test_the_mount_keeps_off_a_volume_whose_disk_is_not_mounted(
-    loop_disk, vcli, store_dir, tmp_path, mount
+    loop_disk, vcli, store_dir, catalog_url, tmp_path, mount
 ):
-    config = write_config(tmp_path / "velocityfs.toml", volume_policy=POLICY)
+    # *.only may go to ext alone: no later rule takes it.
+    policy = "name *.ext *.only :: ext\n!name *.only :: DEFAULT"
+    config = write_config(tmp_path / "velocityfs.toml", volume_policy=policy)
     vcli("init")
     vcli("pool", "create", "tenants", "--quota-mib", "100")
     ext = store_dir / "vol" / "ext"
     disk = loop_disk(ext)
     vcli("volume", "add", "ext")
-    m = mount(env={**os.environ, "VELOCITYFS_CONFIG": str(config)})
+    with service(catalog_url, store_dir) as v:
+        v.accounts.add_user("alice", "pw")
+        v.accounts.add_group("ops")
+        v.accounts.add_member("ops", "alice")
+        pid = v.pool_by_ref("tenants").id
+        v.accounts.share(pid, "ops", list(PERMISSIONS))
+    port = free_port()
+    m = mount("--api", f"127.0.0.1:{port}", env={**os.environ, "VELOCITYFS_CONFIG": str(config)})
     data = pattern(MIB, 1)
     (m / "tenants" / "a.ext").write_bytes(data)
     assert os.getxattr(m / "tenants" / "a.ext", "user.velocity.volume") == b"ext"
@@ -150,15 +163,28 @@ def test_the_mount_keeps_off_a_volume_whose_disk_is_not_mounted(
     assert opened.value.errno == errno.ENODEV
     (m / "tenants" / "b.ext").write_bytes(pattern(MIB, 2))
     assert os.getxattr(m / "tenants" / "b.ext", "user.velocity.volume") == b"DEFAULT"
+    with pytest.raises(OSError) as created:
+        (m / "tenants" / "c.only").write_bytes(b"x")
+    assert created.value.errno == errno.ENODEV
+    assert not (m / "tenants" / "c.only").exists()
     assert os.statvfs(m).f_bavail > 0
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        key = http.post("/u/auth", json={"name": "alice", "password": "pw"}).json()["authkey"]
+        res = http.put(f"/p/media/{key}/{pid}/d.only", content=b"refused before the body")
+        assert res.status_code == 503, res.text
+        assert "volume 'ext' is offline" in res.json()["error"]
+        res = http.put(f"/p/media/{key}/{pid}/e.ext", content=pattern(MIB, 5))
+        assert res.status_code == 200, res.text
     sync_dir(m / "tenants")
+    assert os.getxattr(m / "tenants" / "e.ext", "user.velocity.volume") == b"DEFAULT"
     assert written(ext) == []
+    assert sorted(os.listdir(m / "tenants")) == ["a.ext", "b.ext", "e.ext"]
 
     disk.mount()
     time.sleep(MARKER_CHECK_S)
     assert (m / "tenants" / "a.ext").read_bytes() == data
-    (m / "tenants" / "c.ext").write_bytes(pattern(MIB, 3))
-    assert os.getxattr(m / "tenants" / "c.ext", "user.velocity.volume") == b"ext"
+    (m / "tenants" / "c.only").write_bytes(pattern(MIB, 3))
+    assert os.getxattr(m / "tenants" / "c.only", "user.velocity.volume") == b"ext"
 
 
 def test_a_store_made_before_markers_gets_them_from_init(

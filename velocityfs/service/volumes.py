@@ -295,7 +295,7 @@ class VolumeService:
         for volume in (source, target):
             reason = self.presence.offline_reason(volume, fresh=True)
             if reason is not None:
-                raise VolumeOffline(f"volume '{volume}' is offline: {reason}; nothing was moved")
+                raise VolumeOffline(f"volume '{volume}' is offline, nothing was moved: {reason}")
 
     @staticmethod
     def _refuse_if_open(s: Session, media_id: str) -> None:
