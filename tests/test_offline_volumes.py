@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -34,6 +35,7 @@ from support.fs import sync_dir
 from velocityfs.errors import VelocityError
 from velocityfs.service.accounts import PERMISSIONS
 from velocityfs.service.presence import CHECK_S
+from velocityfs.store.journal import CreateJournal
 
 SQLITE_ONLY = pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
 POLICY = "name *.ext :: ext\nall :: DEFAULT"
@@ -235,3 +237,60 @@ def test_a_store_made_before_markers_gets_them_from_init(
     assert res.code == 1, res
     assert "none of the 1 media the catalog has on DEFAULT" in res.stderr, res
     assert not (empty / MARKER).exists()
+
+
+def test_creates_journaled_on_a_volume_whose_disk_is_away_wait_for_it(
+    loop_disk, vcli, store_dir, catalog_url
+):
+    vcli("init")
+    vcli("pool", "create", "tenants", "--quota-mib", "100")
+    ext = store_dir / "vol" / "ext"
+    disk = loop_disk(ext)
+    vcli("volume", "add", "ext")
+    # A mount journaled a create on ext and died before its batch committed.
+    gone = str(uuid.uuid4())
+    mid = str(uuid.uuid4())
+    with service(catalog_url, store_dir) as v:
+        tenants = v.pool_by_ref("tenants").id
+        v.backing.create("ext", mid, MIB)
+        now = time.time_ns()
+        journal = CreateJournal(v.backing.top, gone)
+        journal.append(
+            {
+                "id": mid,
+                "pool_id": tenants,
+                "name": "j.ext",
+                "size": MIB,
+                "volume": "ext",
+                "mode": 0o644,
+                "uid": 0,
+                "gid": 0,
+                "atime_ns": now,
+                "mtime_ns": now,
+                "ctime_ns": now,
+                "changed_ns": now,
+                "granted": MIB,
+            }
+        )
+        journal.close(keep=True)
+    want = fill(volume_file(store_dir, "ext", mid), MIB, seed=7)
+
+    # The next start replays the journal while ext's disk is away: the create waits.
+    disk.unmount()
+    with service(catalog_url, store_dir) as v:
+        v.reclaim_dead_holders()
+        assert v.media.in_pool(tenants) == []
+    res = vcli("fsck", "--repair", check=False)
+    assert res.code == 1, res
+    assert (
+        f"PROBLEM unreplayed-journal: creates journaled by process {gone}, which is gone, "
+        "wait for offline volume(s) ext"
+    ) in res.stdout.splitlines(), res
+
+    disk.mount()
+    with service(catalog_url, store_dir) as v:
+        assert v.reclaim_dead_holders() == 0
+        (media,) = v.media.in_pool(tenants)
+        assert (media.id, media.name, media.volume, media.size) == (mid, "j.ext", "ext", MIB)
+    assert sha256_of(default_path(store_dir, mid)) == want
+    assert vcli("fsck").code == 0

@@ -266,6 +266,16 @@ class Fsck:
                 )
         for holder_id in journals(self.backing.top):
             if holder_id in dead or not self._holder_exists(holder_id):
+                records = read_journal(self.backing.top, holder_id)
+                waiting = sorted({r["volume"] for r in records}.intersection(offline))
+                if waiting:
+                    yield Problem(
+                        "unreplayed-journal",
+                        f"creates journaled by process {holder_id}, which is gone, wait for "
+                        f"offline volume(s) {', '.join(waiting)}",
+                        None,
+                    )
+                    continue
                 yield Problem(
                     "unreplayed-journal",
                     f"creates journaled by process {holder_id}, which is gone, not replayed",

@@ -57,7 +57,13 @@ class Velocity:
         self.ledger = Ledger(self.db, self.chains, lease_s)
         self.volumes = VolumeService(self.db, self.backing)
         self.policy = VolumePolicy(volume_policy)
-        self.media = MediaService(self.db, self.backing, self.chains, placement=self.place)
+        self.media = MediaService(
+            self.db,
+            self.backing,
+            self.chains,
+            placement=self.place,
+            volume_offline=self.volumes.presence.offline_reason,
+        )
         self.pools = PoolService(
             self.db, self.chains, on_media_removed=self.media.delete_orphan_files
         )
