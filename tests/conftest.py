@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from support.admin import InProcessCli, Tmpfs
 from support.faultfs import FaultyVolume
 from support.fs import Catalog
+from support.loopdisk import LoopDisk
 from support.mount import Mount, Watchdog
 
 PG_URL_ENV = "VELOCITYFS_TEST_PG_URL"
@@ -259,6 +260,25 @@ def tmpfs() -> Iterator[Tmpfs]:
         yield disks
     finally:
         disks.cleanup()
+
+
+@pytest.fixture
+def loop_disk(tmp_path: Path) -> Iterator[Callable[[Path], LoopDisk]]:
+    """Factory: loop_disk(MOUNTPOINT) makes a 64 MiB ext4 disk on a loop device and
+    mounts it there; afterwards every one is unmounted and detached."""
+    disks: list[LoopDisk] = []
+
+    def make(mountpoint: Path) -> LoopDisk:
+        disk = LoopDisk(tmp_path / f"disk{len(disks)}.img", mountpoint)
+        disks.append(disk)
+        disk.mount()
+        return disk
+
+    try:
+        yield make
+    finally:
+        for disk in reversed(disks):
+            disk.cleanup()
 
 
 # -- a volume whose disk fails on demand ------------------------------------------------

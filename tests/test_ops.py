@@ -507,9 +507,11 @@ def test_fsck_finds_and_repairs_each_kind_of_damage(vcli, catalog_url, store_dir
     res = vcli("fsck", "--repair", check=False)
     assert res.code == 1
     assert res.stdout.splitlines() == [
-        f"PROBLEM volume-unmounted: volume 'A' has no media/ directory at "
-        f"{store_dir / 'vol' / 'A'}: is its disk mounted?",
-        "0 repaired, 1 remaining",
+        f"PROBLEM volume-offline: volume 'A' is offline: no media/ directory at "
+        f"{store_dir / 'vol' / 'A' / 'media'}: is its disk mounted?",
+        f"PROBLEM offline-media: media {on_a.id} (tenants/vol.img) is on volume 'A', "
+        "which is offline: kept as it is",
+        "0 repaired, 2 remaining",
     ]
     # ... and its media were not "repaired" away
     with service(catalog_url, store_dir) as v:
@@ -544,7 +546,8 @@ def test_status(tmpfs, vcli, catalog_url, store_dir, mount):
     assert (holder["host"], holder["pid"]) == (socket.gethostname(), m.pid)
     volumes = {v["name"]: v for v in info["volumes"]}
     assert set(volumes) == {"DEFAULT", "fast"}
-    assert volumes["fast"]["free_bytes"] == 32 * MIB
+    assert volumes["fast"]["free_bytes"] == 32 * MIB - 4096  # the volume's marker has a block
+    assert volumes["fast"]["online"] is True
     assert volumes["fast"]["path"] == str(fast)
     assert (volumes["DEFAULT"]["media"], volumes["DEFAULT"]["used_bytes"]) == (1, 5 * MIB)
     assert volumes["DEFAULT"]["free_bytes"] > 0
@@ -569,7 +572,7 @@ def test_status(tmpfs, vcli, catalog_url, store_dir, mount):
     assert out[1].startswith("mounts:  ") and m.realpath in out[1][9:].split(", ")
     assert out[2] == f"process: {socket.gethostname()} pid {m.pid} (0 grants)"
     rows = [line.split() for line in out]
-    assert ["fast", "0", "0.00", "32.00", str(fast)] in rows
+    assert ["fast", "online", "0", "0.00", "32.00", str(fast)] in rows
     assert ["tenants", "5.00", "100.00", "5%"] in rows
     assert ["acme", "5.00", "50.00", "10%"] in rows
     assert ["isos", "0.00", "20.00", "0%"] in rows

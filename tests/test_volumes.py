@@ -177,13 +177,23 @@ def test_volume_add_list_rm(vcli, store_dir, catalog_url, tmpfs):
     listed = {v["name"]: v for v in vcli("volume", "list", "--json").json()}
     assert set(listed) == {"DEFAULT", "fast", "slow"}
     for info in listed.values():
-        assert set(info) == {"name", "path", "media", "used_bytes", "free_bytes"}
+        assert set(info) == {
+            "name",
+            "path",
+            "online",
+            "offline_reason",
+            "media",
+            "used_bytes",
+            "free_bytes",
+        }
+        assert (info["online"], info["offline_reason"]) == (True, None)
     fast = listed["fast"]
-    # Apparent sizes count (the sparse one in full); free space is its own disk's.
+    # Apparent sizes count (the sparse one in full); free space is its own disk's (less
+    # the block of the volume's marker).
     assert (fast["media"], fast["used_bytes"]) == (2, 8 * MIB)
     assert fast["path"] == str(disk)
     st = os.statvfs(disk)
-    assert fast["free_bytes"] == st.f_bavail * st.f_frsize == 61 * MIB
+    assert fast["free_bytes"] == st.f_bavail * st.f_frsize == 61 * MIB - 4096
     assert (listed["DEFAULT"]["media"], listed["DEFAULT"]["used_bytes"]) == (1, MIB)
     assert listed["DEFAULT"]["path"] == str(store_dir)
     top = os.statvfs(store_dir)
@@ -191,11 +201,11 @@ def test_volume_add_list_rm(vcli, store_dir, catalog_url, tmpfs):
     assert (listed["slow"]["media"], listed["slow"]["used_bytes"]) == (0, 0)
 
     table = vcli("volume", "list").stdout.splitlines()
-    assert table[0].split() == ["VOLUME", "MEDIA", "USED", "MiB", "FREE", "MiB", "PATH"]
+    assert table[0].split() == ["VOLUME", "STATE", "MEDIA", "USED", "MiB", "FREE", "MiB", "PATH"]
     rows = {line.split()[0]: line.split() for line in table[1:]}
-    assert rows["fast"] == ["fast", "2", "8.00", "61.00", str(disk)]
-    assert rows["slow"][:3] == ["slow", "0", "0.00"]
-    assert rows["DEFAULT"][:3] == ["DEFAULT", "1", "1.00"]
+    assert rows["fast"] == ["fast", "online", "2", "8.00", "61.00", str(disk)]
+    assert rows["slow"][:4] == ["slow", "online", "0", "0.00"]
+    assert rows["DEFAULT"][:4] == ["DEFAULT", "online", "1", "1.00"]
 
     # Not while media lives there; DEFAULT never; an empty one goes.
     res = vcli("volume", "rm", "fast", check=False)

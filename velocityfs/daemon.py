@@ -168,8 +168,11 @@ def run_serve(
 
 
 def _register(velocity: Velocity, *, writer: bool) -> str:
-    """Steps 1 and 2: check the catalog, reclaim the dead's grants, register."""
+    """Steps 1 and 2: check the catalog, reclaim the dead's grants, register. A volume
+    whose disk is not there is said at start: its media stay unreadable until it is."""
     velocity.require_initialised()
+    for name, reason in velocity.volumes.offline().items():
+        log.warning("volume %s is offline, its media cannot be opened: %s", name, reason)
     reclaimed = velocity.reclaim_dead_holders()
     if reclaimed:
         log.warning("reclaimed %d grant(s) left by a crashed process", reclaimed)

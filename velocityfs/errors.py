@@ -64,3 +64,9 @@ class NotSupported(VelocityError):
 class LeaseLost(VelocityError):
     """This process was cut off from the catalog longer than its lease: another
     process may have reclaimed its grants, so it must not write into them (EIO)."""
+
+
+class VolumeOffline(VelocityError):
+    """A volume's disk is not there: its directory lacks the marker ``volume add`` wrote
+    on the disk (not mounted, or another disk mounted there). Nothing goes onto it or
+    off it until it is back (ENODEV in the mount, 503 in the API)."""

@@ -53,6 +53,7 @@ STATUS: list[tuple[type[errors.VelocityError], int]] = [
     (errors.QuotaExceeded, 413),
     (errors.InvalidName, 400),
     (errors.InvalidValue, 400),
+    (errors.VolumeOffline, 503),
 ]
 
 

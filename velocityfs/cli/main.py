@@ -48,8 +48,15 @@ def main(ctx: click.Context, config: str | None, catalog: str | None, store: str
 def init(ctx: Context) -> None:
     """Create or upgrade the catalog and the store directory (safe to repeat)."""
     v = ctx.velocity(initialised=False)
-    v.init()
+    markings = v.init()
     click.echo(f"initialised catalog {v.db.engine.url!r} and store {v.backing.top}")
+    for marking in markings:
+        if marking.refused is None:
+            click.echo(f"marked volume '{marking.volume}' ({marking.media} media on its disk)")
+        else:
+            click.echo(
+                f"warning: volume '{marking.volume}' left offline: {marking.refused}", err=True
+            )
 
 
 # pools --------------------------------------------------------------------

@@ -10,6 +10,7 @@ from sqlalchemy import text
 
 from velocityfs.cli.context import Context, pass_ctx, service_errors
 from velocityfs.cli.output import emit_json, emit_table, mib
+from velocityfs.cli.storage import emit_volumes
 from velocityfs.service.fsck import Fsck, Problem
 
 
@@ -95,10 +96,7 @@ def status(ctx: Context, as_json: bool) -> None:
     for holder in holders:
         click.echo(f"process: {holder['host']} pid {holder['pid']} ({holder['grants']} grants)")
     click.echo()
-    emit_table(
-        ["VOLUME", "MEDIA", "USED MiB", "FREE MiB", "PATH"],
-        [[i.name, i.media, mib(i.used_bytes), mib(i.free_bytes), i.path] for i in volumes],
-    )
+    emit_volumes(volumes)
     click.echo()
     emit_table(
         ["POOL", "USED MiB", "QUOTA MiB", "USE%"],

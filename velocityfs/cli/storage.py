@@ -11,6 +11,7 @@ from velocityfs.cli.output import emit_json, emit_table, mib
 from velocityfs.errors import NotFound
 from velocityfs.service.velocity import Velocity
 from velocityfs.service.views import Creator, MediaView
+from velocityfs.service.volumes import VolumeInfo
 
 
 @click.group()
@@ -28,20 +29,50 @@ def volume_add(ctx: Context, name: str) -> None:
     click.echo(f"added volume '{info.name}' at {info.path}")
 
 
+@volume.command("mark")
+@click.argument("name")
+@pass_ctx
+@service_errors
+def volume_mark(ctx: Context, name: str) -> None:
+    """Write volume NAME's marker on the disk mounted at TOP/vol/NAME (a volume made
+    before markers; refused unless every media of NAME is on that disk)."""
+    count = ctx.velocity().volumes.mark(name)
+    click.echo(f"marked volume '{name}' ({count} media on its disk)")
+
+
 @volume.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @service_errors
 def volume_list(ctx: Context, as_json: bool) -> None:
-    """Volumes with their path, media count, bytes used and free space on their disk."""
+    """Volumes with their state, path, media count, bytes used and free space on their
+    disk (none for an offline volume: its disk is not there)."""
     infos = ctx.velocity().volumes.all()
     if as_json:
         emit_json([info.__dict__ for info in infos])
         return
+    emit_volumes(infos)
+
+
+def emit_volumes(infos: list[VolumeInfo]) -> None:
+    """The volume table, then one warning line for each offline volume."""
     emit_table(
-        ["VOLUME", "MEDIA", "USED MiB", "FREE MiB", "PATH"],
-        [[i.name, i.media, mib(i.used_bytes), mib(i.free_bytes), i.path] for i in infos],
+        ["VOLUME", "STATE", "MEDIA", "USED MiB", "FREE MiB", "PATH"],
+        [
+            [
+                i.name,
+                "online" if i.online else "offline",
+                i.media,
+                mib(i.used_bytes),
+                "-" if i.free_bytes is None else mib(i.free_bytes),
+                i.path,
+            ]
+            for i in infos
+        ],
     )
+    for i in infos:
+        if not i.online:
+            click.echo(f"warning: volume '{i.name}' is offline: {i.offline_reason}", err=True)
 
 
 @volume.command("rm")

@@ -55,6 +55,7 @@ ERRNO: list[tuple[type[errors.VelocityError], int]] = [
     (errors.AuthenticationFailed, errno.EACCES),
     (errors.NotSupported, errno.EPERM),
     (errors.LeaseLost, errno.EIO),
+    (errors.VolumeOffline, errno.ENODEV),
 ]
 
 
@@ -85,7 +86,7 @@ def _log(request: str, exc: Exception) -> None:
     if isinstance(exc, pyfuse3.FUSEError):
         return
     if isinstance(exc, errors.VelocityError):
-        if isinstance(exc, errors.LeaseLost):
+        if isinstance(exc, errors.LeaseLost | errors.VolumeOffline):
             log.warning("%s: %s", request, exc)
         return
     if isinstance(exc, (OSError, CatalogUnavailable)):

@@ -80,6 +80,7 @@ class MediaNode(Node):
     """
 
     media_id: str = ""
+    volume: str = ""
     open_path: str = ""
     size: int = 0
     settled: int = 0
@@ -109,6 +110,7 @@ class MediaNode(Node):
         self.name = view.name
         self.mode, self.uid, self.gid = view.mode, view.uid, view.gid
         self.atime_ns, self.mtime_ns, self.ctime_ns = view.atime_ns, view.mtime_ns, view.ctime_ns
+        self.volume = view.volume
         self.open_path = view.open_path
 
 
@@ -157,6 +159,7 @@ class Inodes:
             ctime_ns=view.ctime_ns,
             xattrs=dict(view.xattrs),
             media_id=view.id,
+            volume=view.volume,
             open_path=view.open_path,
             size=view.size,
             settled=view.size,

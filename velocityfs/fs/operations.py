@@ -347,16 +347,22 @@ class VelocityOperations(pyfuse3.Operations):
     async def _open_handle(self, node: MediaNode, flags: int) -> pyfuse3.FileInfo:
         """Open the DEFAULT path (it follows a volume move); writers first take a lease.
 
-        O_APPEND must not reach the backing file: pwrite would ignore our offsets.
+        Media on a volume whose disk is not there gets ENODEV, not a file of the disk
+        under its mount point (nor ENOENT for a file the directory lists). O_APPEND
+        must not reach the backing file: pwrite would ignore our offsets.
         """
+        presence = self.v.volumes.presence
+        presence.require_online(node.volume)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if writable:
             await self.grants.open_writer(node)
         try:
             fd = os.open(node.open_path, os.O_RDWR if writable else os.O_RDONLY)
-        except OSError:
+        except OSError as exc:
             if writable:
                 self.grants.released(node, writable=True)
+            if isinstance(exc, FileNotFoundError):
+                presence.require_online(node.volume, fresh=True)  # gone since the check
             raise
         fh = self._new_fh()
         self.handles[fh] = Handle(node, fd, writable)
@@ -493,8 +499,11 @@ class VelocityOperations(pyfuse3.Operations):
         await self.grants.commit()
         quota, used = await self.grants.call(self.v.pools.capacity)
         disk = os.statvfs(self.v.backing.top)
+        # The room on the disks of the volumes that are there (an offline one's
+        # directory is on another disk).
+        room = await self.grants.call(self.v.volumes.free_bytes)
         frsize = 4096
-        free = min(max(0, quota - used), disk.f_bavail * disk.f_frsize)
+        free = min(max(0, quota - used), room)
         s = pyfuse3.StatvfsData()
         s.f_bsize = BLKSIZE
         s.f_frsize = frsize

@@ -23,7 +23,7 @@ from velocityfs.service.accounts import Caller, IssuedKey
 from velocityfs.service.names import check_name
 from velocityfs.service.velocity import Velocity
 from velocityfs.service.views import Creator, ListedPool, MediaView, PoolView
-from velocityfs.store.backing import FILE_MODE, make_dirs
+from velocityfs.store.backing import FILE_MODE
 
 VIEW = "velocity.pool.view"
 CREATE = "velocity.pool.create"
@@ -216,7 +216,7 @@ class Upload:
 
     def open(self) -> int:
         """Create the temporary file; the caller writes the body into the descriptor."""
-        make_dirs(self.path.parent)
+        self.v.backing.make_media_dirs(self.volume, self.path.parent)
         return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
 
     def reserve(self, need: int, chunk: int = 0) -> None:

@@ -11,8 +11,10 @@ pool.
 
 Catalog rows win, except where only the disk still has the bytes: an
 interrupted move whose copy is the one authoritative file is finished, not
-rolled back. Media of a volume whose disk is not mounted are reported, never
-"repaired" away.
+rolled back. A volume whose disk is not there (no marker of its own, see
+``service.presence``, or no ``media/`` directory) is offline: it and each of
+its media are reported, never "repaired" away, and its directory is not
+searched for orphans.
 """
 
 from __future__ import annotations
@@ -65,22 +67,24 @@ class Fsck:
     def run(self, progress: Callable[[int], None] | None = None) -> Iterator[Problem]:
         yield from self._stale_grants()
         live = self._media_with_grants()
-        unmounted = set(self._unmounted_volumes())
-        for name in sorted(unmounted):
-            yield Problem(
-                "volume-unmounted",
-                f"volume '{name}' has no media/ directory at {self.backing.volume_dir(name)}: "
-                "is its disk mounted?",
-                None,
-            )
+        offline = self._offline_volumes()
+        for name, reason in sorted(offline.items()):
+            yield Problem("volume-offline", f"volume '{name}' is offline: {reason}", None)
         known: set[str] = set()
         for media in self._all_media():
             known.add(media.id)
-            if media.volume not in unmounted and media.id not in live:
+            if media.volume in offline:
+                yield Problem(
+                    "offline-media",
+                    f"media {media.id} ({self.v.pools.path(media.pool_id)}/{media.name}) is on "
+                    f"volume '{media.volume}', which is offline: kept as it is",
+                    None,
+                )
+            elif media.id not in live:
                 yield from self._check_media(media)
             if progress is not None:
                 progress(1)
-        yield from self._orphans(known, unmounted)
+        yield from self._orphans(known, set(offline))
         yield from self._usage()
 
     # grants ----------------------------------------------------------------
@@ -103,10 +107,15 @@ class Fsck:
         with self.v.db.transaction() as s:
             return list(s.execute(select(Media)).scalars())
 
-    def _unmounted_volumes(self) -> Iterator[str]:
+    def _offline_volumes(self) -> dict[str, str]:
+        """Volumes whose disk is not there, with the reason: no marker of their own, or
+        a marker but no ``media/`` (a disk emptied or half restored)."""
+        offline = self.v.volumes.offline()
         for name in self.v.volumes.names():
-            if not (self.backing.volume_dir(name) / "media").is_dir():
-                yield name
+            media_dir = self.backing.volume_dir(name) / "media"
+            if name not in offline and not media_dir.is_dir():
+                offline[name] = f"no media/ directory at {media_dir}: is its disk mounted?"
+        return offline
 
     def _check_media(self, media: Media) -> Iterator[Problem]:
         label = f"media {media.id} ({self.v.pools.path(media.pool_id)}/{media.name})"
@@ -199,19 +208,19 @@ class Fsck:
             media.size = size
 
     # files without rows ------------------------------------------------------
-    def _volume_files(self, unmounted: set[str]) -> Iterator[tuple[str, Path]]:
+    def _volume_files(self, offline: set[str]) -> Iterator[tuple[str, Path]]:
         for volume in self.v.volumes.names():
-            if volume in unmounted:
+            if volume in offline:
                 continue
             media_dir = self.backing.volume_dir(volume) / "media"
             for bucket in sorted(media_dir.glob("[0-9a-f][0-9a-f]")):
                 for path in sorted(bucket.iterdir()):
                     yield volume, path
 
-    def _orphans(self, known: set[str], unmounted: set[str]) -> Iterator[Problem]:
+    def _orphans(self, known: set[str], offline: set[str]) -> Iterator[Problem]:
         catalog_volume = self._catalog_volumes()
         journaled = self._journaled()
-        for volume, path in self._volume_files(unmounted):
+        for volume, path in self._volume_files(offline):
             name = path.name
             if name in journaled:
                 continue
@@ -257,6 +266,16 @@ class Fsck:
                 )
         for holder_id in journals(self.backing.top):
             if holder_id in dead or not self._holder_exists(holder_id):
+                records = read_journal(self.backing.top, holder_id)
+                waiting = sorted({r["volume"] for r in records}.intersection(offline))
+                if waiting:
+                    yield Problem(
+                        "unreplayed-journal",
+                        f"creates journaled by process {holder_id}, which is gone, wait for "
+                        f"offline volume(s) {', '.join(waiting)}",
+                        None,
+                    )
+                    continue
                 yield Problem(
                     "unreplayed-journal",
                     f"creates journaled by process {holder_id}, which is gone, not replayed",

@@ -1,5 +1,6 @@
 """Media rules: creation with placement on a volume, removal, renames and moves."""
 
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,9 +35,11 @@ from velocityfs.service.names import check_name
 from velocityfs.service.pools import name_taken
 from velocityfs.service.removals import record_removals
 from velocityfs.service.views import Creator, MediaView, attr_changes
-from velocityfs.store.backing import FILE_MODE, BackingStore, make_dirs
+from velocityfs.store.backing import FILE_MODE, BackingStore
 from velocityfs.store.journal import CreateJournal, discard_journal, read_journal
 from velocityfs.store.spares import SpareFiles
+
+log = logging.getLogger(__name__)
 
 XATTRS = XAttr.__table__
 _INSERT_MEDIA = Prepared(insert(MEDIA))
@@ -117,11 +120,13 @@ class MediaService:
         backing: BackingStore,
         chains: Chains,
         placement: Placement | None = None,
+        volume_offline: Callable[[str], str | None] = lambda _volume: None,
     ) -> None:
         self.db = database
         self.chains = chains
         self.backing = backing
         self._placement = placement or (lambda _conn, _path, _name, _creator: DEFAULT_VOLUME)
+        self._volume_offline = volume_offline
         self._journal: CreateJournal | None = None
         self._spares: SpareFiles | None = None
         database.on_batch_commit(self._batch_committed)
@@ -282,11 +287,16 @@ class MediaService:
         was granted nor more than its pool chain has room for now (the file is
         cut back to that). It keeps its name, or is ``NAME.recovered-ID8`` when
         the name was taken since. One whose pool or backing file is gone is
-        dropped. Returns how many came back; the journal is deleted.
+        dropped. Returns how many came back; the journal is deleted, unless
+        creates on an offline volume wait in it for their disk (their files
+        are there, out of sight: a later replay makes them media).
         """
-        recovered = 0
+        recovered = waiting = 0
         for record in read_journal(self.backing.top, holder_id):
             media_id, volume, pool_id = record["id"], record["volume"], record["pool_id"]
+            if self._volume_offline(volume) is not None:
+                waiting += 1
+                continue
             on_disk = self.backing.size(volume, media_id)
             with self.db.statements() as conn:
                 if on_disk is None or conn.execute(_EXISTS, {"mid": media_id}).first():
@@ -307,7 +317,15 @@ class MediaService:
                 row = {key: record[key] for key in _ROW_KEYS}
                 _INSERT_MEDIA.execute(conn, {**row, "name": name, "size": size, "changed_ns": now})
                 recovered += 1
-        discard_journal(self.backing.top, holder_id)
+        if waiting:
+            log.warning(
+                "%d create(s) journaled by process %s are on offline volumes: "
+                "kept for when their disks are back",
+                waiting,
+                holder_id,
+            )
+        else:
+            discard_journal(self.backing.top, holder_id)
         return recovered
 
     def adopt_upload(
@@ -337,7 +355,7 @@ class MediaService:
             conn.execute(delete(GRANTS).where(GRANTS.c.id == grant_id))
             _INSERT_MEDIA.execute(conn, row)
             final = self.backing.path(volume, media_id)
-            make_dirs(final.parent)
+            self.backing.make_media_dirs(volume, final.parent)
             os.chmod(upload_path, FILE_MODE)  # a backing file, however the upload made it
             os.rename(upload_path, final)
             self.backing.point_default(volume, media_id)

@@ -15,6 +15,11 @@ mount, the Unix user and group of the creating process.
 As in Koji, a policy that does not parse, names an unknown volume, or matches
 nothing puts media on DEFAULT (with a warning), so a broken policy never
 stops media from being created.
+
+A rule whose volume is offline (its disk is not there, ``service.presence``)
+is passed over: the next matching rule places the media. When none is left,
+the create is refused (VolumeOffline) rather than sent to DEFAULT, whose disk
+the operator did not choose for it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from velocityfs.catalog.models import DEFAULT_VOLUME
-from velocityfs.errors import InvalidValue
+from velocityfs.errors import InvalidValue, VolumeOffline
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +138,17 @@ class VolumePolicy:
             self.rules, self.error = None, str(exc)
             log.warning("volume policy is broken (%s): media goes to DEFAULT", exc)
 
-    def decide(self, subject: Subject, volumes: Callable[[], Iterable[str]]) -> Decision:
-        """First matching rule's volume; ``volumes`` is asked only for a non-DEFAULT one."""
+    def decide(
+        self,
+        subject: Subject,
+        volumes: Callable[[], Iterable[str]],
+        offline: Callable[[str], str | None] = lambda _volume: None,
+    ) -> Decision:
+        """First matching rule's volume that is online; ``volumes`` is asked only for a
+        non-DEFAULT one, and ``offline`` (why a volume is offline, or None) for a known one."""
         if self.rules is None:
             return Decision(DEFAULT_VOLUME, f"policy is broken ({self.error}): DEFAULT")
+        skipped: list[str] = []
         for rule in self.rules:
             if rule.matches(subject):
                 if rule.volume != DEFAULT_VOLUME and rule.volume not in set(volumes()):
@@ -149,6 +161,18 @@ class VolumePolicy:
                         DEFAULT_VOLUME,
                         f"line {rule.line} ({rule}) names unknown volume {rule.volume!r}: DEFAULT",
                     )
-                return Decision(rule.volume, f"line {rule.line}: {rule}")
+                reason = offline(rule.volume)
+                if reason is not None:
+                    skipped.append(
+                        f"line {rule.line} passed over: volume '{rule.volume}' is offline: {reason}"
+                    )
+                    continue
+                return Decision(rule.volume, "; ".join([f"line {rule.line}: {rule}", *skipped]))
+        if skipped:
+            raise VolumeOffline(
+                f"no volume for new media '{subject.name}' in pool '{subject.pool_path}': "
+                + "; ".join(skipped)
+                + ", and no later rule matches"
+            )
         log.warning("volume policy matched nothing for %s: DEFAULT used", subject)
         return Decision(DEFAULT_VOLUME, "no rule matched: DEFAULT")

@@ -18,7 +18,7 @@ from velocityfs.service.media import MediaService, XAttrs
 from velocityfs.service.policy import DEFAULT_POLICY, Decision, Subject, VolumePolicy
 from velocityfs.service.pools import PoolService
 from velocityfs.service.views import Creator, PoolView
-from velocityfs.service.volumes import VolumeService, volume_names
+from velocityfs.service.volumes import Marking, VolumeService, volume_names
 from velocityfs.store.backing import BackingStore
 from velocityfs.store.journal import journals
 from velocityfs.store.spares import spare_dirs
@@ -57,7 +57,13 @@ class Velocity:
         self.ledger = Ledger(self.db, self.chains, lease_s)
         self.volumes = VolumeService(self.db, self.backing)
         self.policy = VolumePolicy(volume_policy)
-        self.media = MediaService(self.db, self.backing, self.chains, placement=self.place)
+        self.media = MediaService(
+            self.db,
+            self.backing,
+            self.chains,
+            placement=self.place,
+            volume_offline=self.volumes.presence.offline_reason,
+        )
         self.pools = PoolService(
             self.db, self.chains, on_media_removed=self.media.delete_orphan_files
         )
@@ -65,11 +71,17 @@ class Velocity:
         self.xattrs = XAttrs(self.db)
         self.changes = ChangeFeed(self.db, self.media)
 
-    def init(self) -> None:
-        """Create or upgrade the catalog and the store layout; harmless to repeat."""
+    def init(self) -> list[Marking]:
+        """Create or upgrade the catalog and the store layout; harmless to repeat.
+
+        Also gives the store its marker and marks each volume that has none and
+        whose disk holds all its media (a store made before volume markers):
+        what it did about each such volume is returned.
+        """
         self.backing.ensure_layout()
         upgrade(self.db.engine)
         self.accounts.ensure_root_group()
+        return self.volumes.mark_unmarked()
 
     def require_initialised(self) -> None:
         """Refuse to work on a catalog that is missing or older than this code."""
@@ -85,6 +97,11 @@ class Velocity:
             )
         if not (self.backing.top / "media").is_dir():
             raise NotInitialised(f"store {self.backing.top} has no media/: run 'velocityfs init'")
+        if self.volumes.presence.store_id() is None:
+            raise NotInitialised(
+                f"store {self.backing.top} has no marker (made before volume markers, or its "
+                "disk is not mounted): run 'velocityfs init'"
+            )
 
     def tree(self) -> list[TreeRow]:
         """Every pool, depth-first by name, with its path."""
@@ -119,7 +136,11 @@ class Velocity:
         volumes: Callable[[], Iterable[str]],
     ) -> Decision:
         creator = creator or Creator()
-        return self.policy.decide(Subject(pool_path, name, creator.user, creator.groups), volumes)
+        return self.policy.decide(
+            Subject(pool_path, name, creator.user, creator.groups),
+            volumes,
+            self.volumes.presence.offline_reason,
+        )
 
     def pool_by_ref(self, ref: str) -> PoolView:
         """A pool by id, or by path of names (``tenants/acme``)."""

@@ -10,6 +10,7 @@ are given where files and directories are made, never left to the umask,
 which may be 0.
 """
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -44,6 +45,19 @@ class BackingStore:
         if volume == DEFAULT_VOLUME:
             return self.top
         return self.top / "vol" / volume
+
+    def make_media_dirs(self, volume: str, path: Path) -> None:
+        """``make_dirs`` for ``path`` below a volume's ``media/``, which it never makes:
+        ``volume add`` made it on the volume's disk, so while that disk is not mounted
+        this fails (ENOENT) instead of putting files on the disk under its mount point."""
+        media = self.volume_dir(volume) / "media"
+        if not media.is_dir():
+            raise FileNotFoundError(
+                errno.ENOENT,
+                f"volume {volume} has no media/ directory: is its disk mounted?",
+                str(media),
+            )
+        make_dirs(path)
 
     def path(self, volume: str, media_id: str) -> Path:
         return self.volume_dir(volume) / "media" / media_id[:2] / media_id
@@ -108,7 +122,7 @@ class BackingStore:
         try:
             fd = os.open(path, flags, FILE_MODE)
         except FileNotFoundError:  # the first media of its 2-hex bucket
-            make_dirs(path.parent)
+            self.make_media_dirs(volume, path.parent)
             fd = os.open(path, flags, FILE_MODE)
         try:
             if size:

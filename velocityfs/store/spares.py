@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 
 from velocityfs.catalog.models import new_id
-from velocityfs.store.backing import FILE_MODE, BackingStore, make_dirs
+from velocityfs.store.backing import FILE_MODE, BackingStore
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class SpareFiles:
         except FileNotFoundError:
             if not os.path.exists(spare):
                 return None  # its volume went away under us
-            make_dirs(final.parent)
+            self.backing.make_media_dirs(volume, final.parent)
             os.rename(spare, final)
         return media_id
 
@@ -118,7 +118,7 @@ class SpareFiles:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         while len(ready) < TARGET and not self._stopped:
             directory = home / str(next(self._refills))
-            make_dirs(directory)
+            self.backing.make_media_dirs(volume, directory)
             chunk = []
             for media_id in (new_id() for _ in range(CHUNK)):
                 spare = f"{directory}/{media_id}"
