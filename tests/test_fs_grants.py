@@ -195,9 +195,9 @@ def test_a_mount_whose_grants_were_reclaimed_registers_again_and_loses_nothing(
     afresh; a file it still has open for writing is settled under the new holder,
     which has no grant row yet (the ledger makes one: it used to answer EIO)."""
     lease_s = 0.5
-    v = Velocity(catalog_url, store_dir, lease_s=lease_s)
-    v.init()
-    other_host = Velocity(catalog_url, store_dir, lease_s=lease_s)
+    v = Velocity(catalog_url, store_dir)
+    v.init(lease_s=lease_s)
+    other_host = Velocity(catalog_url, store_dir)
     v.pools.create(None, "p", 64 * MIB)
     fs = filesystem(v)
     c = Client(fs)
@@ -237,8 +237,8 @@ def test_growth_stops_with_eio_once_the_lease_may_have_lapsed(
     """Writes into a grant need a lease renewed in time: past it, another host may
     already have the room. Writes within the settled size need no room and go on."""
     lease_s = 0.3
-    v = Velocity(catalog_url, store_dir, lease_s=lease_s)
-    v.init()
+    v = Velocity(catalog_url, store_dir)
+    v.init(lease_s=lease_s)
     v.pools.create(None, "p", 64 * MIB)
     fs = filesystem(v)
     c = Client(fs)

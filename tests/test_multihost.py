@@ -4,8 +4,9 @@ Each mount runs as its own daemon in its own UTS namespace with its own host nam
 (``unshare --uts``), so the two behave like two hypervisor hosts: a holder of grants
 is only judged dead by its lease, never by a process check on "the same host"
 (ledger.dead_holders trusts a pid only on the holder's own host). Mounts use a
-configuration file (through ``VELOCITYFS_CONFIG``) with short timeouts, so a lease
-expires in seconds and other hosts' changes show within half a second.
+configuration file (through ``VELOCITYFS_CONFIG``) with a short attribute timeout, so
+other hosts' changes show within half a second; the killed host's test sets a short
+lease in the catalog (``velocityfs lease set``), so it expires in seconds.
 
 What is checked:
 
@@ -132,8 +133,8 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 class Catalog:
     """The test's own view of the catalog, for facts no mount may fake."""
 
-    def __init__(self, url: str, store: Path, lease_s: float = LEASE_S) -> None:
-        self.v = Velocity(url, store, lease_s=lease_s)
+    def __init__(self, url: str, store: Path) -> None:
+        self.v = Velocity(url, store)
 
     def pool(self, path: str):  # type: ignore[no-untyped-def]
         return self.v.pools.resolve(path)
@@ -152,10 +153,10 @@ class Catalog:
         return sum(int(h["grants"]) for h in self.v.ledger.holders())
 
     def lease_expiry_ns(self, host: str) -> int:
-        """When the lease of ``host``'s only holder runs out (wall clock, ns)."""
+        """When the lease of ``host``'s only holder runs out (the catalog's clock, ns)."""
         with self.v.db.transaction() as s:
-            (beat,) = s.execute(select(Holder.heartbeat_ns).where(Holder.host == host)).one()
-        return beat + self.v.ledger.lease_ns
+            (expires,) = s.execute(select(Holder.expires_ns).where(Holder.host == host)).one()
+        return int(expires)
 
     def media_sizes(self, path: str) -> dict[str, int]:
         return {m.name: m.size for m in self.v.media.in_pool(self.pool(path).id)}
@@ -356,7 +357,8 @@ def test_killed_host_room_is_reclaimed_after_its_lease(
     cli, catalog: Catalog, host_mount, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     cli("pool", "create", "vms", "--quota-mib", "32", check=True)
-    env = write_config(tmp_path / "velocityfs.toml", lease_s=LEASE_S, attr_timeout_s=ATTR_TIMEOUT_S)
+    cli("lease", "set", str(LEASE_S), check=True)
+    env = write_config(tmp_path / "velocityfs.toml", attr_timeout_s=ATTR_TIMEOUT_S)
     a = host_mount("host-a", env=env)
     b = host_mount("host-b", env=env)
     quota = catalog.quota("vms")
@@ -591,7 +593,6 @@ def test_catalog_outage_under_a_running_mount(
     env = write_config(
         tmp_path / "velocityfs.toml",
         attr_timeout_s=ATTR_TIMEOUT_S,
-        lease_s=30.0,
         catalog_timeout_s=timeout_s,
     )
     m = host_mount("host-a", env=env, catalog=url)

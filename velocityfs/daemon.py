@@ -98,9 +98,8 @@ class _ApiAlone:
 
     async def _keep_lease(self) -> None:
         """Renew the lease on upload grants, so no other process reclaims them as dead."""
-        interval = self._v.ledger.lease_ns / 1e9 / 3
         while True:
-            await trio.sleep(interval)
+            await trio.sleep(self._v.ledger.lease_ns / 1e9 / 3)
             try:
                 if not await self._offload(self._v.ledger.heartbeat, self._holder_id):
                     log.error("the API's upload grants were reclaimed while it was cut off")

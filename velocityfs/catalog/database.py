@@ -24,7 +24,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Connection,
+    Engine,
+    cast,
+    create_engine,
+    event,
+    extract,
+    func,
+    literal,
+)
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
@@ -106,6 +117,17 @@ class Database:
     @property
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
+
+    def now_ns(self) -> ColumnElement[int]:
+        """The catalog's clock, in nanoseconds since the epoch, for use in a statement.
+
+        Leases are stamped and judged by it, so hosts whose clocks disagree still
+        agree on when a lease ends: PostgreSQL's clock (the transaction's start);
+        SQLite is on this host, whose clock every process on it shares.
+        """
+        if self.is_sqlite:
+            return literal(time.time_ns(), BigInteger)
+        return cast(extract("epoch", func.now()) * 1_000_000_000, BigInteger)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
