@@ -525,6 +525,29 @@ def test_fsck_finds_and_repairs_each_kind_of_damage(vcli, catalog_url, store_dir
     assert live_upload.read_bytes() == b"in flight"
 
 
+def test_fsck_reports_pools_over_quota_on_disk_even_while_a_grant_is_held(
+    vcli, catalog_url, store_dir
+):
+    """The size check skips media a live process holds a grant on (its file may be
+    growing); the quota's check must not: a writer stays within its grant, so bytes
+    on disk past a quota are wrong whoever writes. Nothing is repaired away."""
+    vcli("init")
+    vcli("pool", "create", "vms", "--quota-mib", "1")
+    with service(catalog_url, store_dir) as v:
+        media = v.media.create(v.pool_by_ref("vms").id, "disk.img")
+        writer = v.ledger.register_holder()
+        v.ledger.reserve(media.id, writer, 4096, chunk=4096)
+        fill(media.open_path, 2 * MIB, seed=5)
+        problem = f"over-quota: pool vms: {2 * MIB} bytes on disk, {MIB} over its quota of {MIB}"
+        for args in (("fsck",), ("fsck", "--repair")):
+            res = vcli(*args, check=False)
+            assert res.code == 1
+            assert res.stdout.splitlines() == [f"PROBLEM {problem}", "0 repaired, 1 remaining"]
+        assert os.path.getsize(media.open_path) == 2 * MIB
+        v.ledger.settle(media.id, writer, 0)
+        v.ledger.retire_holder(writer)
+
+
 # -- the lease ------------------------------------------------------------------------------
 
 
