@@ -7,7 +7,8 @@ Three loops run beside ``pyfuse3.main()``:
   ``fs.mirror``), dropping the kernel's cached entries and pages where they
   went stale;
 - lease: renew this mount's lease on its grants (``Grants.renew_lease``,
-  which registers afresh if another host already reclaimed them);
+  which registers afresh once it has expired: an expired lease is never
+  renewed), every third of the catalog's lease length;
 - reclaim: return the grants of holders whose lease expired (a crashed host),
   so their room is usable again without an administrator.
 """

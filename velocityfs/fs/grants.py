@@ -10,8 +10,9 @@ changes it, with the catalog calls that go with each change:
 - settling the real size into the catalog (fsync, truncate, a move);
 - the batches of closes and unlinks, committed ``BATCH_S`` after the first
   (``Releases``, below), and ordering other catalog calls after them;
-- the lease: writes into grants stop when it may have lapsed, and after a
-  reclaim the process registers again and every node starts afresh.
+- the lease: growth stops when it may have lapsed (checked before and after
+  the growth), and once it has expired the process registers again and every
+  node starts afresh from its file on disk.
 
 Lock order: the batch lock (``Releases``), then node locks. Code that holds a
 node lock calls the catalog directly (``self._offload``), never through
