@@ -27,9 +27,11 @@ never skips, without it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -157,6 +159,21 @@ class Catalog:
         with self.v.db.transaction() as s:
             (expires,) = s.execute(select(Holder.expires_ns).where(Holder.host == host)).one()
         return int(expires)
+
+    def holder_of(self, host: str) -> str:
+        """The id of ``host``'s only holder."""
+        with self.v.db.transaction() as s:
+            return s.execute(select(Holder.id).where(Holder.host == host)).scalar_one()
+
+    def reclaim_begun(self, holder_id: str) -> bool:
+        """Whether a reclaim of the holder has begun: it is fenced, or already gone."""
+        with self.v.db.transaction() as s:
+            holder = s.get(Holder, holder_id)
+            return holder is None or holder.fenced
+
+    def holder_gone(self, holder_id: str) -> bool:
+        with self.v.db.transaction() as s:
+            return s.get(Holder, holder_id) is None
 
     def media_sizes(self, path: str) -> dict[str, int]:
         return {m.name: m.size for m in self.v.media.in_pool(self.pool(path).id)}
@@ -436,6 +453,126 @@ def test_killed_host_room_is_reclaimed_after_its_lease(
     )
     with open(b / "vms" / "crashed.img", "rb") as f:
         assert f.read() == b"\x5a" * a_bytes
+
+
+# Opens every file named on the command line for writing (a lease each) until stdin closes.
+OPEN_MANY = r"""
+import os, sys
+fds = [os.open(path, os.O_WRONLY) for path in sys.argv[1:]]
+print("open", len(fds), flush=True)
+sys.stdin.read()
+"""
+
+
+def bytes_on_disk(store: Path) -> int:
+    """The apparent size of every backing file of the DEFAULT volume."""
+    total = 0
+    for path in (store / "media").glob("[0-9a-f][0-9a-f]/*"):
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_size
+    return total
+
+
+def test_a_host_stopped_past_its_lease_and_resumed_during_reclaim_loses_nothing(
+    cli, catalog: Catalog, host_mount, tmp_path: Path, store_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Issue 16 on real daemons: B holds 101 grants and appends to a file every 50 ms;
+    B's daemon gets SIGSTOP; the moment A's reclaim has fenced it, SIGCONT; then A
+    fills the pool. No pool passes its quota (in the catalog or on disk) at any
+    sample, every acknowledged byte is kept, and B unmounts cleanly."""
+    cli("pool", "create", "vms", "--quota-mib", "32", check=True)
+    cli("lease", "set", str(LEASE_S), check=True)
+    env = write_config(tmp_path / "velocityfs.toml", attr_timeout_s=ATTR_TIMEOUT_S)
+    vms = catalog.pool("vms").id
+    for i in range(100):
+        catalog.v.media.create(vms, f"idle-{i:03}.img")
+    a = host_mount("host-a", env=env)
+    b = host_mount("host-b", env=env)
+    quota = catalog.quota("vms")
+    idle = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            OPEN_MANY,
+            *(str(b / "vms" / f"idle-{i:03}.img") for i in range(100)),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    writer = RemoteWriter(b / "vms" / "log.img")
+    acked = bytearray()
+    refused: dict[int, int] = {}
+    stop = threading.Event()
+
+    def append() -> None:
+        step = 0
+        while not stop.is_set():
+            data = bytes([step % 251 + 1]) * (64 * 1024 + 3)
+            try:
+                written = writer.pwrite(len(acked), len(data), data[0])
+                acked.extend(data[:written])
+                step += 1
+            except OSError as exc:
+                refused[exc.errno] = refused.get(exc.errno, 0) + 1
+            time.sleep(0.05)
+
+    disk: list[int] = []
+
+    def sample_disk() -> None:
+        while not stop.is_set():
+            disk.append(bytes_on_disk(store_dir))
+            time.sleep(0.02)
+
+    try:
+        assert idle.stdout is not None
+        assert idle.stdout.readline().split() == ["open", "100"]
+        with UsagePoller(catalog, ["vms"]) as poller:
+            threads = [threading.Thread(target=f, daemon=True) for f in (append, sample_disk)]
+            for thread in threads:
+                thread.start()
+            time.sleep(1.0)
+            stalled = catalog.holder_of("host-b")
+            before_stall = len(acked)
+            os.kill(b.pid, signal.SIGSTOP)
+            try:
+                wait_for(
+                    lambda: catalog.reclaim_begun(stalled),
+                    3 * LEASE_S + 10,
+                    "host A fencing host B's holder",
+                    interval=0.005,
+                )
+            finally:
+                os.kill(b.pid, signal.SIGCONT)
+            wait_for(lambda: catalog.holder_gone(stalled), 3 * LEASE_S + 10, "the reclaim done")
+            filled = fill(a / "vms" / "fill.img", MIB)
+            time.sleep(2.0)
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+        writer.close()
+    finally:
+        stop.set()
+        writer.kill()
+        idle.kill()
+        idle.communicate(timeout=30)
+    b.stop()
+    print(
+        f"samples {len(poller.samples)} (catalog) and {len(disk)} (disk); peak usage "
+        f"{poller.peak('vms')} and bytes on disk {max(disk)} against a quota of {quota}; "
+        f"acknowledged {len(acked)} bytes ({before_stall} before the stall), A filled "
+        f"{filled}; B's writes refused: {refused}"
+    )
+    assert poller.peak("vms") <= quota
+    assert max(disk) <= quota, f"bytes on disk passed the quota by {max(disk) - quota}"
+    assert len(acked) > before_stall
+    sync_dir(a / "vms")
+    wait_for(lambda: size_of(a / "vms" / "log.img") == len(acked), VISIBLE_WITHIN_S, "log.img on A")
+    assert (a / "vms" / "log.img").read_bytes() == bytes(acked)
+    sizes = catalog.media_sizes("vms")
+    assert sizes["log.img"] == len(acked)
+    assert catalog.used("vms") == sum(sizes.values()) == bytes_on_disk(store_dir) <= quota
+    wait_for(lambda: catalog.grants() == 0, 5.0, "no grants left")
 
 
 # -- changes seen by the other host -------------------------------------------------------

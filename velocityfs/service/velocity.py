@@ -155,8 +155,8 @@ class Velocity:
         they are there, and their writes were acknowledged) and returned, for
         the mount to take instead of what it remembers.
         """
-        self.ledger.fence(old_holder_id)
-        self._reclaim(old_holder_id)
+        if self.ledger.fence(old_holder_id):
+            self._reclaim(old_holder_id)
         holder_id = self.register_writer()
         sizes = self._sizes_on_disk(media_ids)
         self.ledger.record_sizes(sizes)
