@@ -29,12 +29,12 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    bindparam,
     cast,
     create_engine,
     event,
     extract,
     func,
-    literal,
 )
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -50,6 +50,16 @@ log = logging.getLogger(__name__)
 # After a batch commits, units run as transactions of their own for this long (see
 # ``Database.may_batch``).
 BATCH_PAUSE_S = 0.005
+
+# The catalog's clock, in nanoseconds since the epoch, as an expression: leases are
+# stamped and judged by it, so hosts whose clocks disagree still agree on when a lease
+# ends. PostgreSQL's clock (the transaction's start); SQLite is on this host, whose
+# clock every process on it shares, read as each statement runs. Both are constants,
+# so statements made with them are made once (their SQL compiled once).
+POSTGRESQL_NOW_NS: ColumnElement[int] = cast(
+    extract("epoch", func.now()) * 1_000_000_000, BigInteger
+)
+SQLITE_NOW_NS: ColumnElement[int] = bindparam("now_ns", callable_=time.time_ns, type_=BigInteger)
 
 _begin_to_read: ContextVar[bool] = ContextVar("begin_to_read", default=False)
 
@@ -119,15 +129,9 @@ class Database:
         return self.engine.dialect.name == "sqlite"
 
     def now_ns(self) -> ColumnElement[int]:
-        """The catalog's clock, in nanoseconds since the epoch, for use in a statement.
-
-        Leases are stamped and judged by it, so hosts whose clocks disagree still
-        agree on when a lease ends: PostgreSQL's clock (the transaction's start);
-        SQLite is on this host, whose clock every process on it shares.
-        """
-        if self.is_sqlite:
-            return literal(time.time_ns(), BigInteger)
-        return cast(extract("epoch", func.now()) * 1_000_000_000, BigInteger)
+        """The catalog's clock, in nanoseconds since the epoch, for use in a statement
+        (``SQLITE_NOW_NS`` or ``POSTGRESQL_NOW_NS``)."""
+        return SQLITE_NOW_NS if self.is_sqlite else POSTGRESQL_NOW_NS
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -32,7 +32,7 @@ from sqlalchemy import (
     update,
 )
 
-from velocityfs.catalog.database import Database
+from velocityfs.catalog.database import POSTGRESQL_NOW_NS, Database
 from velocityfs.catalog.models import CatalogSettings, Grant, Holder, Media, new_id
 from velocityfs.catalog.prepared import Prepared
 from velocityfs.errors import InvalidValue, LeaseLost, NotFound, QuotaExceeded
@@ -134,7 +134,27 @@ class Lease:
         return self.sent + self.length_s * share
 
 
-def require_live_holder(conn: Connection, holder_id: str, now_ns: ColumnElement[int]) -> None:
+def _live_holder(now_ns: ColumnElement[int]) -> Prepared:
+    return Prepared(
+        select(HOLDERS.c.id)
+        .where(
+            HOLDERS.c.id == bindparam("holder"),
+            HOLDERS.c.fenced == false(),
+            HOLDERS.c.expires_ns >= now_ns,
+        )
+        .with_for_update(read=True, key_share=True)
+    )
+
+
+# By dialect, prepared once: every create and settle runs it. SQLite's clock is this
+# host's, bound as ``now`` (a ``Prepared`` binds no value it would compute per call).
+_LIVE_HOLDER = {
+    "sqlite": _live_holder(bindparam("now", type_=BigInteger)),
+    "postgresql": _live_holder(POSTGRESQL_NOW_NS),
+}
+
+
+def require_live_holder(conn: Connection, holder_id: str) -> None:
     """Refuse a holder whose lease has expired or who was fenced (LeaseLost).
 
     Every call that takes or changes a holder's grants asks first, on the
@@ -144,16 +164,11 @@ def require_live_holder(conn: Connection, holder_id: str, now_ns: ColumnElement[
     fence (which locks it for update) waits for this transaction, and one that
     begins after the fence sees it.
     """
-    live = (
-        select(HOLDERS.c.id)
-        .where(
-            HOLDERS.c.id == holder_id,
-            HOLDERS.c.fenced == false(),
-            HOLDERS.c.expires_ns >= now_ns,
-        )
-        .with_for_update(read=True, key_share=True)
-    )
-    if conn.execute(live).first() is None:
+    live = _LIVE_HOLDER[conn.dialect.name]
+    params: dict[str, object] = {"holder": holder_id}
+    if conn.dialect.name == "sqlite":
+        params["now"] = time.time_ns()
+    if live.execute(conn, params).fetchone() is None:
         raise LeaseLost(f"the lease of holder {holder_id} expired: it must register again")
 
 
@@ -257,9 +272,6 @@ class Ledger:
         # judged dead by this process (a process does not reclaim itself).
         self._leases: dict[str, Lease] = {}
 
-    def _live(self, conn: Connection, holder_id: str) -> None:
-        require_live_holder(conn, holder_id, self.db.now_ns())
-
     def reserve(
         self,
         media_id: str,
@@ -275,7 +287,7 @@ class Ledger:
         short write); without it, or when nothing fits, QuotaExceeded.
         """
         with self.db.statements() as conn:
-            self._live(conn, holder_id)
+            require_live_holder(conn, holder_id)
             media, chain = lock_media(conn, self.chains, media_id)
             available = room(chain)
             if available == 0 or (available < need and not partial):
@@ -321,7 +333,7 @@ class Ledger:
         """
         ids = [st.media_id for st in settlements]
         with self.db.unit() as conn:
-            self._live(conn, holder_id)
+            require_live_holder(conn, holder_id)
             media, chains = lock_media_rows(conn, self.chains, ids)
             grants = {
                 g.media_id: g
@@ -365,7 +377,7 @@ class Ledger:
         file between a move's last check and its switch.
         """
         with self.db.statements() as conn:
-            self._live(conn, holder_id)
+            require_live_holder(conn, holder_id)
             media = conn.execute(_MEDIA_LOCK, {"mid": media_id}).first()
             if media is None:
                 raise NotFound(f"no media {media_id}")
@@ -390,7 +402,7 @@ class Ledger:
         one, or ``grant_id`` grown) and the bytes added.
         """
         with self.db.statements() as conn:
-            self._live(conn, holder_id)
+            require_live_holder(conn, holder_id)
             (chain,) = self.chains.lock(conn, pool_id)
             available = room(chain)
             if available < need:

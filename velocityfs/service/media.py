@@ -252,7 +252,7 @@ class MediaService:
         try:
             with self.db.batched() if journal else self.db.statements() as conn:
                 if holder_id is not None:
-                    require_live_holder(conn, holder_id, self.db.now_ns())
+                    require_live_holder(conn, holder_id)
                 (chain,) = self.chains.lock(conn, pool_id)
                 if name_taken(conn, pool_id, name):
                     raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
