@@ -312,7 +312,10 @@ def api_in_this_process(velocity: Velocity) -> Iterator[int]:
             box["scope"], box["token"] = scope, trio.lowlevel.current_trio_token()
             async with trio.open_nursery() as nursery:
                 offload = Offload(threads_for(velocity.db.is_sqlite))
-                serve = functools.partial(serve_api, velocity, offload, "test", f"127.0.0.1:{port}")
+                holder = velocity.ledger.register_holder()
+                serve = functools.partial(
+                    serve_api, velocity, offload, lambda: holder, f"127.0.0.1:{port}"
+                )
                 await nursery.start(serve)
                 started.set()
 

@@ -31,6 +31,7 @@ from velocityfs.fs.boundary import is_guarded
 from velocityfs.fs.operations import VelocityOperations
 from velocityfs.service.velocity import Velocity
 from velocityfs.store.space import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from velocityfs.threads import Offload
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -195,9 +196,9 @@ def test_a_mount_whose_grants_were_reclaimed_registers_again_and_loses_nothing(
     afresh; a file it still has open for writing is settled under the new holder,
     which has no grant row yet (the ledger makes one: it used to answer EIO)."""
     lease_s = 0.5
-    v = Velocity(catalog_url, store_dir, lease_s=lease_s)
-    v.init()
-    other_host = Velocity(catalog_url, store_dir, lease_s=lease_s)
+    v = Velocity(catalog_url, store_dir)
+    v.init(lease_s=lease_s)
+    other_host = Velocity(catalog_url, store_dir)
     v.pools.create(None, "p", 64 * MIB)
     fs = filesystem(v)
     c = Client(fs)
@@ -237,8 +238,8 @@ def test_growth_stops_with_eio_once_the_lease_may_have_lapsed(
     """Writes into a grant need a lease renewed in time: past it, another host may
     already have the room. Writes within the settled size need no room and go on."""
     lease_s = 0.3
-    v = Velocity(catalog_url, store_dir, lease_s=lease_s)
-    v.init()
+    v = Velocity(catalog_url, store_dir)
+    v.init(lease_s=lease_s)
     v.pools.create(None, "p", 64 * MIB)
     fs = filesystem(v)
     c = Client(fs)
@@ -258,6 +259,51 @@ def test_growth_stops_with_eio_once_the_lease_may_have_lapsed(
     try:
         run(fs, body)
         assert v.media.all()[0].size == KIB + 1
+        assert_usage_consistent(v)
+    finally:
+        v.close()
+
+
+def test_a_write_that_grew_a_file_after_the_lease_lapsed_is_undone(
+    catalog_url: str, store_dir: Path
+) -> None:
+    """The lease is checked before a write that grows a file, but the process may
+    stall after that check (under SIGSTOP, or here waiting for a reservation that
+    takes longer than the lease's trusted share): checked again after the write, a
+    growth that ended outside it is cut back and answered EIO, so no byte that a
+    reclaim may not have measured is ever acknowledged."""
+    lease_s = 0.5
+    v = Velocity(catalog_url, store_dir)
+    v.init(lease_s=lease_s)
+    v.pools.create(None, "p", 64 * MIB)
+
+    class StallAfterReserving(Offload):
+        async def __call__(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+            result = await super().__call__(fn, *args, **kwargs)
+            if fn == v.ledger.reserve:
+                await trio.sleep(lease_s * 0.9)  # past LEASE_TRUST of it
+            return result
+
+    fs = filesystem(v, offload=StallAfterReserving(1))
+    c = Client(fs)
+
+    async def body() -> None:
+        fh = await c.create("p/disk.img")  # a first grant of 1 MiB
+        assert await c.write(fh, 0, b"a" * KIB) == KIB
+        await fs.grants.renew_lease()
+        assert await c.refused(c.write(fh, KIB, b"b" * (2 * MIB))) == errno.EIO
+        assert on_disk(v, c, "p/disk.img") == KIB
+        await fs.grants.renew_lease()  # registers again if the lease ran out meanwhile
+        assert await c.write(fh, KIB, b"c" * MIB) == MIB  # within the grant it got
+        await c.close(fh)
+
+    try:
+        run(fs, body)
+        with open(c.media("p/disk.img").open_path, "rb") as f:
+            assert f.read() == b"a" * KIB + b"c" * MIB
+        assert v.media.all()[0].size == KIB + MIB
+        assert used(v, "p") == KIB + MIB
+        assert grant_count(v) == 0
         assert_usage_consistent(v)
     finally:
         v.close()

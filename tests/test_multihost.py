@@ -4,8 +4,9 @@ Each mount runs as its own daemon in its own UTS namespace with its own host nam
 (``unshare --uts``), so the two behave like two hypervisor hosts: a holder of grants
 is only judged dead by its lease, never by a process check on "the same host"
 (ledger.dead_holders trusts a pid only on the holder's own host). Mounts use a
-configuration file (through ``VELOCITYFS_CONFIG``) with short timeouts, so a lease
-expires in seconds and other hosts' changes show within half a second.
+configuration file (through ``VELOCITYFS_CONFIG``) with a short attribute timeout, so
+other hosts' changes show within half a second; the killed host's test sets a short
+lease in the catalog (``velocityfs lease set``), so it expires in seconds.
 
 What is checked:
 
@@ -26,9 +27,11 @@ never skips, without it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -132,8 +135,8 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 class Catalog:
     """The test's own view of the catalog, for facts no mount may fake."""
 
-    def __init__(self, url: str, store: Path, lease_s: float = LEASE_S) -> None:
-        self.v = Velocity(url, store, lease_s=lease_s)
+    def __init__(self, url: str, store: Path) -> None:
+        self.v = Velocity(url, store)
 
     def pool(self, path: str):  # type: ignore[no-untyped-def]
         return self.v.pools.resolve(path)
@@ -152,10 +155,25 @@ class Catalog:
         return sum(int(h["grants"]) for h in self.v.ledger.holders())
 
     def lease_expiry_ns(self, host: str) -> int:
-        """When the lease of ``host``'s only holder runs out (wall clock, ns)."""
+        """When the lease of ``host``'s only holder runs out (the catalog's clock, ns)."""
         with self.v.db.transaction() as s:
-            (beat,) = s.execute(select(Holder.heartbeat_ns).where(Holder.host == host)).one()
-        return beat + self.v.ledger.lease_ns
+            (expires,) = s.execute(select(Holder.expires_ns).where(Holder.host == host)).one()
+        return int(expires)
+
+    def holder_of(self, host: str) -> str:
+        """The id of ``host``'s only holder."""
+        with self.v.db.transaction() as s:
+            return s.execute(select(Holder.id).where(Holder.host == host)).scalar_one()
+
+    def reclaim_begun(self, holder_id: str) -> bool:
+        """Whether a reclaim of the holder has begun: it is fenced, or already gone."""
+        with self.v.db.transaction() as s:
+            holder = s.get(Holder, holder_id)
+            return holder is None or holder.fenced
+
+    def holder_gone(self, holder_id: str) -> bool:
+        with self.v.db.transaction() as s:
+            return s.get(Holder, holder_id) is None
 
     def media_sizes(self, path: str) -> dict[str, int]:
         return {m.name: m.size for m in self.v.media.in_pool(self.pool(path).id)}
@@ -356,7 +374,8 @@ def test_killed_host_room_is_reclaimed_after_its_lease(
     cli, catalog: Catalog, host_mount, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     cli("pool", "create", "vms", "--quota-mib", "32", check=True)
-    env = write_config(tmp_path / "velocityfs.toml", lease_s=LEASE_S, attr_timeout_s=ATTR_TIMEOUT_S)
+    cli("lease", "set", str(LEASE_S), check=True)
+    env = write_config(tmp_path / "velocityfs.toml", attr_timeout_s=ATTR_TIMEOUT_S)
     a = host_mount("host-a", env=env)
     b = host_mount("host-b", env=env)
     quota = catalog.quota("vms")
@@ -434,6 +453,126 @@ def test_killed_host_room_is_reclaimed_after_its_lease(
     )
     with open(b / "vms" / "crashed.img", "rb") as f:
         assert f.read() == b"\x5a" * a_bytes
+
+
+# Opens every file named on the command line for writing (a lease each) until stdin closes.
+OPEN_MANY = r"""
+import os, sys
+fds = [os.open(path, os.O_WRONLY) for path in sys.argv[1:]]
+print("open", len(fds), flush=True)
+sys.stdin.read()
+"""
+
+
+def bytes_on_disk(store: Path) -> int:
+    """The apparent size of every backing file of the DEFAULT volume."""
+    total = 0
+    for path in (store / "media").glob("[0-9a-f][0-9a-f]/*"):
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_size
+    return total
+
+
+def test_a_host_stopped_past_its_lease_and_resumed_during_reclaim_loses_nothing(
+    cli, catalog: Catalog, host_mount, tmp_path: Path, store_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Issue 16 on real daemons: B holds 101 grants and appends to a file every 50 ms;
+    B's daemon gets SIGSTOP; the moment A's reclaim has fenced it, SIGCONT; then A
+    fills the pool. No pool passes its quota (in the catalog or on disk) at any
+    sample, every acknowledged byte is kept, and B unmounts cleanly."""
+    cli("pool", "create", "vms", "--quota-mib", "32", check=True)
+    cli("lease", "set", str(LEASE_S), check=True)
+    env = write_config(tmp_path / "velocityfs.toml", attr_timeout_s=ATTR_TIMEOUT_S)
+    vms = catalog.pool("vms").id
+    for i in range(100):
+        catalog.v.media.create(vms, f"idle-{i:03}.img")
+    a = host_mount("host-a", env=env)
+    b = host_mount("host-b", env=env)
+    quota = catalog.quota("vms")
+    idle = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            OPEN_MANY,
+            *(str(b / "vms" / f"idle-{i:03}.img") for i in range(100)),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    writer = RemoteWriter(b / "vms" / "log.img")
+    acked = bytearray()
+    refused: dict[int, int] = {}
+    stop = threading.Event()
+
+    def append() -> None:
+        step = 0
+        while not stop.is_set():
+            data = bytes([step % 251 + 1]) * (64 * 1024 + 3)
+            try:
+                written = writer.pwrite(len(acked), len(data), data[0])
+                acked.extend(data[:written])
+                step += 1
+            except OSError as exc:
+                refused[exc.errno] = refused.get(exc.errno, 0) + 1
+            time.sleep(0.05)
+
+    disk: list[int] = []
+
+    def sample_disk() -> None:
+        while not stop.is_set():
+            disk.append(bytes_on_disk(store_dir))
+            time.sleep(0.02)
+
+    try:
+        assert idle.stdout is not None
+        assert idle.stdout.readline().split() == ["open", "100"]
+        with UsagePoller(catalog, ["vms"]) as poller:
+            threads = [threading.Thread(target=f, daemon=True) for f in (append, sample_disk)]
+            for thread in threads:
+                thread.start()
+            time.sleep(1.0)
+            stalled = catalog.holder_of("host-b")
+            before_stall = len(acked)
+            os.kill(b.pid, signal.SIGSTOP)
+            try:
+                wait_for(
+                    lambda: catalog.reclaim_begun(stalled),
+                    3 * LEASE_S + 10,
+                    "host A fencing host B's holder",
+                    interval=0.005,
+                )
+            finally:
+                os.kill(b.pid, signal.SIGCONT)
+            wait_for(lambda: catalog.holder_gone(stalled), 3 * LEASE_S + 10, "the reclaim done")
+            filled = fill(a / "vms" / "fill.img", MIB)
+            time.sleep(2.0)
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+        writer.close()
+    finally:
+        stop.set()
+        writer.kill()
+        idle.kill()
+        idle.communicate(timeout=30)
+    b.stop()
+    print(
+        f"samples {len(poller.samples)} (catalog) and {len(disk)} (disk); peak usage "
+        f"{poller.peak('vms')} and bytes on disk {max(disk)} against a quota of {quota}; "
+        f"acknowledged {len(acked)} bytes ({before_stall} before the stall), A filled "
+        f"{filled}; B's writes refused: {refused}"
+    )
+    assert poller.peak("vms") <= quota
+    assert max(disk) <= quota, f"bytes on disk passed the quota by {max(disk) - quota}"
+    assert len(acked) > before_stall
+    sync_dir(a / "vms")
+    wait_for(lambda: size_of(a / "vms" / "log.img") == len(acked), VISIBLE_WITHIN_S, "log.img on A")
+    assert (a / "vms" / "log.img").read_bytes() == bytes(acked)
+    sizes = catalog.media_sizes("vms")
+    assert sizes["log.img"] == len(acked)
+    assert catalog.used("vms") == sum(sizes.values()) == bytes_on_disk(store_dir) <= quota
+    wait_for(lambda: catalog.grants() == 0, 5.0, "no grants left")
 
 
 # -- changes seen by the other host -------------------------------------------------------
@@ -591,7 +730,6 @@ def test_catalog_outage_under_a_running_mount(
     env = write_config(
         tmp_path / "velocityfs.toml",
         attr_timeout_s=ATTR_TIMEOUT_S,
-        lease_s=30.0,
         catalog_timeout_s=timeout_s,
     )
     m = host_mount("host-a", env=env, catalog=url)

@@ -38,6 +38,7 @@ from support.admin import (
 from velocityfs.catalog.models import Grant, Holder
 from velocityfs.service.accounts import PERMISSIONS
 from velocityfs.service.views import Creator
+from velocityfs.store.spares import spare_dirs
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -412,7 +413,13 @@ def test_fsck_finds_and_repairs_each_kind_of_damage(vcli, catalog_url, store_dir
 
         # 1. a stale grant: a writer that died holding room (and wrote 1 MiB more)
         with v.db.transaction() as s:
-            holder = Holder(host=socket.gethostname(), pid=dead_pid(), started_ns=1, heartbeat_ns=1)
+            holder = Holder(
+                host=socket.gethostname(),
+                pid=dead_pid(),
+                started_ns=1,
+                heartbeat_ns=1,
+                expires_ns=time.time_ns() + 60 * 10**9,  # dead by its pid, not its lease
+            )
             s.add(holder)
             s.flush()
             dead_holder = holder.id
@@ -518,6 +525,62 @@ def test_fsck_finds_and_repairs_each_kind_of_damage(vcli, catalog_url, store_dir
         assert v.media.get(on_a.id).volume == "A"
         v.ledger.retire_holder(live_holder)
     assert live_upload.read_bytes() == b"in flight"
+
+
+def test_fsck_reports_pools_over_quota_on_disk_even_while_a_grant_is_held(
+    vcli, catalog_url, store_dir
+):
+    """The size check skips media a live process holds a grant on (its file may be
+    growing); the quota's check must not: a writer stays within its grant, so bytes
+    on disk past a quota are wrong whoever writes. Nothing is repaired away."""
+    vcli("init")
+    vcli("pool", "create", "vms", "--quota-mib", "1")
+    with service(catalog_url, store_dir) as v:
+        media = v.media.create(v.pool_by_ref("vms").id, "disk.img")
+        writer = v.ledger.register_holder()
+        v.ledger.reserve(media.id, writer, 4096, chunk=4096)
+        fill(media.open_path, 2 * MIB, seed=5)
+        problem = f"over-quota: pool vms: {2 * MIB} bytes on disk, {MIB} over its quota of {MIB}"
+        for args in (("fsck",), ("fsck", "--repair")):
+            res = vcli(*args, check=False)
+            assert res.code == 1
+            assert res.stdout.splitlines() == [f"PROBLEM {problem}", "0 repaired, 1 remaining"]
+        assert os.path.getsize(media.open_path) == 2 * MIB
+        v.ledger.settle(media.id, writer, 0)
+        v.ledger.retire_holder(writer)
+
+
+# -- the lease ------------------------------------------------------------------------------
+
+
+def test_the_lease_is_the_catalogs_so_fsck_with_another_config_spares_a_live_mount(
+    vcli, catalog_url, store_dir, mount, tmp_path
+):
+    """fsck once judged holders by its own configuration's ``lease_s``: run with a
+    shorter one than the mounts', it took a live mount's spare files for those of a
+    gone process (and ``--repair`` would have deleted them under it)."""
+    vcli("init", "--lease-s", "30")
+    vcli("pool", "create", "tenants", "--quota-mib", "100")
+    m = mount()
+    (m / "tenants" / "disk.img").write_bytes(b"x")  # the mount now keeps spare files
+    wait_for(lambda: any(spare_dirs(store_dir)), what="the mount's spare files")
+    short = write_config(tmp_path / "short.toml", lease_s=0.5)
+    check = vcli("config", "check", config=short, flags=False)
+    assert "warning: 'lease_s' is deprecated: the lease length is the catalog's" in check.stderr
+    time.sleep(1.0)  # longer than the configuration's lease, far shorter than the catalog's
+    res = vcli("fsck", "--repair", config=short, check=False)
+    assert (res.code, res.stdout) == (0, "0 repaired, 0 remaining\n")
+    assert any(spare_dirs(store_dir))
+    assert vcli("lease", "show").stdout == "30\n"
+
+    vcli("lease", "set", "45")
+    assert vcli("lease", "show").stdout == "45\n"
+    refused = vcli("lease", "set", "0.01", check=False)
+    assert refused.code == 1
+    assert "the lease must be 0.2 to 3600 seconds" in refused.stderr
+    # A mount takes the new length at its next renewal; it never stops being alive.
+    assert vcli("fsck", config=short).stdout == "0 repaired, 0 remaining\n"
+    assert (m / "tenants" / "disk.img").read_bytes() == b"x"
 
 
 # -- status ---------------------------------------------------------------------------------

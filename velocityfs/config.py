@@ -31,6 +31,15 @@ DEFAULT_STORE = "/var/lib/velocityfs"
 # ``default_permissions`` was a key (default false); the kernel's check is now always on.
 # A file may still ask for it (true: a warning); it can no longer turn it off.
 ALWAYS_CHECKED = "the kernel always checks modes, owners and groups on the mount"
+# ``lease_s`` was a key (default 30); the lease length is now the catalog's, so that no
+# two processes judge a holder by different leases. A file may still name it (a number:
+# a warning, and it is ignored).
+LEASE_IN_CATALOG = (
+    "the lease length is the catalog's, the same for every process "
+    "('velocityfs lease set SECONDS'); this value is ignored (remove the key)"
+)
+# Keys that are gone; a file that still has them is read with a warning.
+RETIRED = ("default_permissions", "lease_s")
 # The range of ``api_max_body_bytes``: JSON request bodies are parsed on the loop that
 # also serves the mount, so even the largest must parse in milliseconds.
 MAX_BODY_RANGE = (1 << 10, 16 << 20)
@@ -48,7 +57,6 @@ api_max_body_bytes = {DEFAULT_MAX_BODY_BYTES}         # larger JSON bodies get 4
 authkey_lifetime_s = {DEFAULT_AUTHKEY_LIFETIME_S}
 attr_timeout_s = 1.0                 # how long kernels cache names and attributes; also how
                                      # soon a mount sees other hosts' changes
-lease_s = 30.0                       # a dead host's grants are reclaimed after this
 catalog_timeout_s = 10.0             # how long a request waits for an unreachable catalog
 upload_idle_s = 60.0                 # an API upload whose body stops arriving this long
                                      # is aborted (408) and gives its room back
@@ -81,7 +89,6 @@ class Settings:
     api_max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     authkey_lifetime_s: int = DEFAULT_AUTHKEY_LIFETIME_S
     attr_timeout_s: float = 1.0
-    lease_s: float = 30.0
     catalog_timeout_s: float = 10.0
     upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S
     allow_other: bool = False
@@ -102,7 +109,6 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "api_max_body_bytes": (int,),
     "authkey_lifetime_s": (int,),
     "attr_timeout_s": (int, float),
-    "lease_s": (int, float),
     "catalog_timeout_s": (int, float),
     "upload_idle_s": (int, float),
     "allow_other": (bool,),
@@ -128,6 +134,10 @@ def problems_of(values: Mapping[str, object], *, policy: bool = True) -> list[st
                     f"'default_permissions' can no longer be turned off: {ALWAYS_CHECKED} "
                     "(remove the key)"
                 )
+            continue
+        if key == "lease_s":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                found.append(f"'lease_s' must be int or float, not {type(value).__name__}")
             continue
         if key not in known:
             found.append(f"unknown key '{key}'")
@@ -160,7 +170,7 @@ def problems_of(values: Mapping[str, object], *, policy: bool = True) -> list[st
     level = typed.get("log_level", "INFO")
     if isinstance(level, str) and not isinstance(logging.getLevelName(level.upper()), int):
         found.append(f"'log_level' must be DEBUG, INFO, WARNING or ERROR, not {level!r}")
-    for key in ("authkey_lifetime_s", "attr_timeout_s", "lease_s", "catalog_timeout_s"):
+    for key in ("authkey_lifetime_s", "attr_timeout_s", "catalog_timeout_s"):
         number = typed.get(key)
         if isinstance(number, int | float) and number < 0:
             found.append(f"'{key}' must not be negative")
@@ -178,9 +188,12 @@ def problems_of(values: Mapping[str, object], *, policy: bool = True) -> list[st
 
 def warnings_of(values: Mapping[str, object]) -> list[str]:
     """What a valid configuration still says that it need not, one sentence each."""
+    notes = []
     if values.get("default_permissions") is True:
-        return [f"'default_permissions' is deprecated: {ALWAYS_CHECKED} (remove the key)"]
-    return []
+        notes.append(f"'default_permissions' is deprecated: {ALWAYS_CHECKED} (remove the key)")
+    if "lease_s" in values:
+        notes.append(f"'lease_s' is deprecated: {LEASE_IN_CATALOG}")
+    return notes
 
 
 def load(
@@ -215,4 +228,4 @@ def load(
             log.warning("%s: %s", path, note)
         else:
             warn(note)
-    return Settings(**{k: v for k, v in values.items() if k != "default_permissions"})
+    return Settings(**{k: v for k, v in values.items() if k not in RETIRED})

@@ -106,13 +106,15 @@ class _ApiAlone:
         return {}
 
     async def _keep_lease(self) -> None:
-        """Renew the lease on upload grants, so no other process reclaims them as dead."""
-        interval = self._v.ledger.lease_ns / 1e9 / 3
+        """Renew the lease on upload grants, so no other process reclaims them as dead;
+        once it has expired (the process stalled or was cut off), register again: the
+        uploads under way then fail (their grants are reclaimed), later ones work."""
         while True:
-            await trio.sleep(interval)
+            await trio.sleep(self._v.ledger.lease_ns / 1e9 / 3)
             try:
                 if not await self._offload(self._v.ledger.heartbeat, self._holder_id):
-                    log.error("the API's upload grants were reclaimed while it was cut off")
+                    log.error("the API's lease expired: its upload grants are reclaimed")
+                    self._holder_id = await self._offload(self._v.ledger.register_holder)
             except Exception as exc:
                 log.warning("lease renewal failed: %s", exc)
 
@@ -201,7 +203,7 @@ def _serve(
                         serve_api,
                         velocity,
                         offload,
-                        role.holder_id,
+                        lambda: role.holder_id,
                         api_bind,
                         mirror=role.mirror,
                         upload_idle_s=upload_idle_s,

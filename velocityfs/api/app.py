@@ -54,6 +54,7 @@ STATUS: list[tuple[type[errors.VelocityError], int]] = [
     (errors.InvalidName, 400),
     (errors.InvalidValue, 400),
     (errors.VolumeOffline, 503),
+    (errors.LeaseLost, 503),
 ]
 
 
@@ -110,13 +111,14 @@ class Shim:
         self,
         access: Access,
         offload: Offload,
-        holder_id: str,
+        holder_id: Callable[[], str],
         mirror: Mirror | None,
         upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self.access = access
         self.offload = offload
+        # The process's holder as it is now: one whose lease expired registers again.
         self.holder_id = holder_id
         self.mirror = mirror
         self.upload_idle_s = upload_idle_s
@@ -260,7 +262,7 @@ class Shim:
         length = request.headers.get("content-length")
         declared = int(length) if length and length.isdigit() else None
         upload: Upload = await self.call(
-            self.access.begin_upload, authkey, pid, name, self.holder_id, declared
+            self.access.begin_upload, authkey, pid, name, self.holder_id(), declared
         )
         try:
             fd = await self.call(upload.open)
@@ -351,7 +353,7 @@ class Shim:
 def create_app(
     access: Access,
     offload: Offload,
-    holder_id: str,
+    holder_id: Callable[[], str],
     mirror: Mirror | None = None,
     *,
     upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S,

@@ -6,6 +6,7 @@ so the mount and the API share state and see each other's changes at once.
 """
 
 import logging
+from collections.abc import Callable
 
 import trio
 from hypercorn.config import Config
@@ -33,7 +34,7 @@ def hypercorn_config(bind: str) -> Config:
 async def serve_api(
     velocity: Velocity,
     offload: Offload,
-    holder_id: str,
+    holder_id: Callable[[], str],
     bind: str,
     *,
     mirror: Mirror | None = None,

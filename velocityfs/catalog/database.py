@@ -24,7 +24,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Connection,
+    Engine,
+    bindparam,
+    cast,
+    create_engine,
+    event,
+    extract,
+    func,
+)
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
@@ -39,6 +50,16 @@ log = logging.getLogger(__name__)
 # After a batch commits, units run as transactions of their own for this long (see
 # ``Database.may_batch``).
 BATCH_PAUSE_S = 0.005
+
+# The catalog's clock, in nanoseconds since the epoch, as an expression: leases are
+# stamped and judged by it, so hosts whose clocks disagree still agree on when a lease
+# ends. PostgreSQL's clock (the transaction's start); SQLite is on this host, whose
+# clock every process on it shares, read as each statement runs. Both are constants,
+# so statements made with them are made once (their SQL compiled once).
+POSTGRESQL_NOW_NS: ColumnElement[int] = cast(
+    extract("epoch", func.now()) * 1_000_000_000, BigInteger
+)
+SQLITE_NOW_NS: ColumnElement[int] = bindparam("now_ns", callable_=time.time_ns, type_=BigInteger)
 
 _begin_to_read: ContextVar[bool] = ContextVar("begin_to_read", default=False)
 
@@ -106,6 +127,11 @@ class Database:
     @property
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
+
+    def now_ns(self) -> ColumnElement[int]:
+        """The catalog's clock, in nanoseconds since the epoch, for use in a statement
+        (``SQLITE_NOW_NS`` or ``POSTGRESQL_NOW_NS``)."""
+        return SQLITE_NOW_NS if self.is_sqlite else POSTGRESQL_NOW_NS
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

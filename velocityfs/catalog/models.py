@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     ForeignKey,
     Index,
     Integer,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -135,8 +137,26 @@ class XAttr(Base):
     value: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class CatalogSettings(Base):
+    """What every process on the catalog must agree on: one row (id 1).
+
+    ``lease_ns``: a holder that does not renew its lease this long is dead, and
+    its grants are reclaimed. One length for every process, so no two judge a
+    holder differently (``velocityfs lease set``).
+    """
+
+    __tablename__ = "catalog_settings"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    lease_ns: Mapped[int] = mapped_column(BigInteger)
+
+
 class Holder(Base):
-    """A process that may hold grants: a mount daemon or an API server."""
+    """A process that may hold grants: a mount daemon or an API server.
+
+    Its lease ends at ``expires_ns`` on the catalog's clock (``Database.now_ns``);
+    ``fenced`` is set by whoever reclaims it, in the transaction that finds the
+    lease expired: every later grant, settle or renewal of the holder fails.
+    """
 
     __tablename__ = "holders"
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -144,6 +164,8 @@ class Holder(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_ns: Mapped[int] = mapped_column(BigInteger)
     heartbeat_ns: Mapped[int] = mapped_column(BigInteger)
+    expires_ns: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    fenced: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Grant(Base):

@@ -57,7 +57,6 @@ class Context:
                 settings.store,
                 authkey_lifetime_s=settings.authkey_lifetime_s,
                 volume_policy=settings.volume_policy,
-                lease_s=settings.lease_s,
             )
             if initialised:
                 self._velocity.require_initialised()

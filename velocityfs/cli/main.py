@@ -43,12 +43,18 @@ def main(ctx: click.Context, config: str | None, catalog: str | None, store: str
 
 
 @main.command()
+@click.option(
+    "--lease-s",
+    type=float,
+    help="Set the catalog's lease length in seconds (a new catalog's is 30; "
+    "see 'velocityfs lease set').",
+)
 @pass_ctx
 @service_errors
-def init(ctx: Context) -> None:
+def init(ctx: Context, lease_s: float | None) -> None:
     """Create or upgrade the catalog and the store directory (safe to repeat)."""
     v = ctx.velocity(initialised=False)
-    markings = v.init()
+    markings = v.init(lease_s=lease_s)
     click.echo(f"initialised catalog {v.db.engine.url!r} and store {v.backing.top}")
     for marking in markings:
         if marking.refused is None:
@@ -57,6 +63,33 @@ def init(ctx: Context) -> None:
             click.echo(
                 f"warning: volume '{marking.volume}' left offline: {marking.refused}", err=True
             )
+
+
+# the lease ----------------------------------------------------------------
+
+
+@main.group()
+def lease() -> None:
+    """The lease length, one for every process on the catalog."""
+
+
+@lease.command("show")
+@pass_ctx
+@service_errors
+def lease_show(ctx: Context) -> None:
+    """Print the lease length in seconds."""
+    click.echo(f"{ctx.velocity().ledger.lease_ns / 1e9:g}")
+
+
+@lease.command("set")
+@click.argument("seconds", type=float)
+@pass_ctx
+@service_errors
+def lease_set(ctx: Context, seconds: float) -> None:
+    """Set the lease length: a process that has not renewed its lease for SECONDS
+    is dead, and its grants are reclaimed. Each process takes it at its next renewal."""
+    ctx.velocity().ledger.set_lease(seconds)
+    click.echo(f"lease {seconds:g} s")
 
 
 # pools --------------------------------------------------------------------

@@ -7,7 +7,8 @@ Three loops run beside ``pyfuse3.main()``:
   ``fs.mirror``), dropping the kernel's cached entries and pages where they
   went stale;
 - lease: renew this mount's lease on its grants (``Grants.renew_lease``,
-  which registers afresh if another host already reclaimed them);
+  which registers afresh once it has expired: an expired lease is never
+  renewed), every third of the catalog's lease length;
 - reclaim: return the grants of holders whose lease expired (a crashed host),
   so their room is usable again without an administrator.
 """
@@ -50,21 +51,24 @@ class Follower:
         self.grants: Grants = mirror.grants
         self._changes = changes
         self.interval_s = max(0.2, interval_s)
-        self.lease_s = velocity.ledger.lease_ns / 1e9
         self.since_ns = time.time_ns()
         # Media versions (changed_ns) applied within the look-back: not read again.
         self.seen: dict[str, int] = {}
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._every, self.interval_s, self.refresh)
-            nursery.start_soon(self._every, self.lease_s / 3, self.grants.renew_lease)
-            nursery.start_soon(self._every, self.lease_s, self.reclaim)
+            nursery.start_soon(self._every, lambda: self.interval_s, self.refresh)
+            nursery.start_soon(self._every, lambda: self._lease_s() / 3, self.grants.renew_lease)
+            nursery.start_soon(self._every, self._lease_s, self.reclaim)
+
+    def _lease_s(self) -> float:
+        """The catalog's lease length, as last read (each renewal reads it again)."""
+        return self._v.ledger.lease_ns / 1e9
 
     @staticmethod
-    async def _every(seconds: float, step: Callable[[], Awaitable[None]]) -> None:
+    async def _every(seconds: Callable[[], float], step: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await trio.sleep(seconds)
+            await trio.sleep(seconds())
             try:
                 await step()
             except Exception as exc:  # the catalog may be away; try again next round

@@ -10,8 +10,9 @@ changes it, with the catalog calls that go with each change:
 - settling the real size into the catalog (fsync, truncate, a move);
 - the batches of closes and unlinks, committed ``BATCH_S`` after the first
   (``Releases``, below), and ordering other catalog calls after them;
-- the lease: writes into grants stop when it may have lapsed, and after a
-  reclaim the process registers again and every node starts afresh.
+- the lease: growth stops when it may have lapsed (checked before and after
+  the growth), and once it has expired the process registers again and every
+  node starts afresh from its file on disk.
 
 Lock order: the batch lock (``Releases``), then node locks. Code that holds a
 node lock calls the catalog directly (``self._offload``), never through
@@ -73,8 +74,7 @@ class Grants:
         self._holder_id = holder_id
         self._inodes = inodes
         self._changes = changes
-        self._lease_s = velocity.ledger.lease_ns / 1e9
-        self._lease_valid_until = time.monotonic() + self._lease_s * LEASE_TRUST
+        self._lease_valid_until = velocity.ledger.lease_of(holder_id).trusted_until(LEASE_TRUST)
         self._releases = Releases(velocity, offload, changes, lambda: self._holder_id)
 
     @property
@@ -185,8 +185,10 @@ class Grants:
         return min(length, node.charged - off)
 
     def wrote(self, node: MediaNode, end: int) -> None:
-        """Bytes up to ``end`` were written into the room ``room_for_write`` gave."""
+        """Bytes up to ``end`` were written into the room ``room_for_write`` gave; a write
+        that grew the file while the lease lapsed is undone (``_undo_if_lapsed``)."""
         if end > node.size:
+            self._undo_if_lapsed(node, node.size)
             node.size = end
         node.mtime_ns = node.ctime_ns = time.time_ns()
         node.dirty = True
@@ -201,7 +203,12 @@ class Grants:
         with self._changes.changing(node.media_id):
             try:
                 async with node.lock:
+                    grows = size > node.size
+                    if grows:
+                        self._require_lease()
                     os.truncate(node.open_path, size)
+                    if grows:
+                        self._undo_if_lapsed(node, node.size)
                     if size < node.size:
                         # The cut bytes were data, not reservation: they go back to the
                         # pool now, even while a writer keeps the file open (its grant
@@ -232,6 +239,7 @@ class Grants:
                 raise QuotaExceeded(f"room for media {node.media_id} was handed back meanwhile")
             await trio.to_thread.run_sync(allocate)
             if grows_to is not None and grows_to > node.size:
+                self._undo_if_lapsed(node, node.size)
                 node.size = grows_to
             node.mtime_ns = node.ctime_ns = time.time_ns()
             node.dirty = True
@@ -356,20 +364,55 @@ class Grants:
         if time.monotonic() > self._lease_valid_until:
             raise LeaseLost("this mount's lease may have lapsed: its grants may be reclaimed")
 
+    def _undo_if_lapsed(self, node: MediaNode, size: int) -> None:
+        """Cut a file that just grew back to ``size`` and fail (LeaseLost, EIO) if the
+        lease lapsed before the growth was done.
+
+        The check before a write (``_require_lease``) cannot see the process
+        stall between it and the write, or in the write; a reclaim may then have
+        measured the file and handed the rest of the grant to another host. Checked
+        after the growth too, a growth that is kept, and acknowledged, ended while
+        ``LEASE_TRUST`` of the lease was left, so before any reclaim could fence
+        this holder and measure the file (``Ledger.fence``). Called with no await
+        since the growth.
+        """
+        if time.monotonic() > self._lease_valid_until:
+            os.truncate(node.open_path, size)
+            raise LeaseLost("this mount's lease lapsed during the write: it was undone")
+
     async def renew_lease(self) -> None:
-        """Renew this mount's lease; if another process reclaimed its grants meanwhile
-        (it was cut off longer than the lease), register again and start every node
-        afresh from what it has on disk here."""
-        if await self._offload(self._v.ledger.heartbeat, self._holder_id):
-            self._lease_valid_until = time.monotonic() + self._lease_s * LEASE_TRUST
+        """Renew this mount's lease, or register again once it has expired.
+
+        An expired lease cannot be renewed (the process stalled or was cut off
+        longer than it): another process may be reclaiming this mount's grants
+        by now. Then the old holder is fenced and reclaimed (here, if no other
+        process has done it yet), a new one registered, and every node this
+        mount has write state for starts afresh from its file's size on disk,
+        which the catalog now records too; never from what the mount remembers.
+        The batch lock and those nodes' locks are held meanwhile, so no settle
+        or grant of the old holder's state slips in between.
+        """
+        lease = await self._offload(self._v.ledger.heartbeat, self._holder_id)
+        if lease is not None:
+            self._lease_valid_until = lease.trusted_until(LEASE_TRUST)
             return
-        log.error("this mount's grants were reclaimed while it was cut off; re-registering")
-        self._holder_id = await self._offload(self._v.register_writer)
-        self._lease_valid_until = time.monotonic() + self._lease_s * LEASE_TRUST
-        for node in list(self._inodes.by_media.values()):
-            node.charged = node.settled = node.size
-            node.held = False
-            node.dirty = node.writers > 0
+        log.error("this mount's lease expired; its grants are reclaimed and it registers again")
+        async with self._releases.lock, AsyncExitStack() as locks:
+            nodes = [n for n in self._inodes.by_media.values() if n.unsettled or n.writers]
+            for node in nodes:
+                await locks.enter_async_context(node.lock)
+            rejoined = await self._offload(
+                self._v.register_writer_again, self._holder_id, [n.media_id for n in nodes]
+            )
+            self._holder_id = rejoined.holder_id
+            lease = self._v.ledger.lease_of(rejoined.holder_id)
+            self._lease_valid_until = lease.trusted_until(LEASE_TRUST)
+            for node in nodes:
+                size = rejoined.sizes.get(node.media_id)
+                if size is not None:
+                    node.size = node.settled = node.charged = size
+                    node.held = False
+                    node.dirty = node.writers > 0
 
 
 # Closes and unlinks -----------------------------------------------------------------
@@ -431,6 +474,12 @@ class Releases:
     @property
     def pending(self) -> bool:
         return bool(self._closed or self._unlinked) or self._lock.locked()
+
+    @property
+    def lock(self) -> trio.Lock:
+        """The batch lock: held while a batch commits (and while the mount registers
+        again); taken before any node lock."""
+        return self._lock
 
     def close(self, node: MediaNode) -> None:
         """The last writer closed ``node``: settle it and drop its lease with the batch.

@@ -1,13 +1,14 @@
 """Compare the catalog with the backing files, report each problem, repair on request.
 
 Checks: stale grants of dead processes; media whose bytes are missing; sizes
-that disagree with the disk; backing files other users may open (not 0600,
-as ``set-volume`` of earlier versions left them); orphan files (no catalog
-row), including the leftovers of interrupted uploads and moves and the spare
-files and unreplayed create journals of processes that are gone; DEFAULT
-paths that do not lead to the media's volume (dangling or wrong compatibility
-symlinks, and moves interrupted between copy and commit); usage totals per
-pool.
+that disagree with the disk (of media no process holds a grant on); pools whose
+media hold more bytes on disk than their quota, whatever holds grants; backing
+files other users may open (not 0600, as ``set-volume`` of earlier versions left
+them); orphan files (no catalog row), including the leftovers of interrupted
+uploads and moves and the spare files and unreplayed create journals of
+processes that are gone; DEFAULT paths that do not lead to the media's volume
+(dangling or wrong compatibility symlinks, and moves interrupted between copy
+and commit); usage totals per pool.
 
 Catalog rows win, except where only the disk still has the bytes: an
 interrupted move whose copy is the one authoritative file is finished, not
@@ -71,6 +72,7 @@ class Fsck:
         for name, reason in sorted(offline.items()):
             yield Problem("volume-offline", f"volume '{name}' is offline: {reason}", None)
         known: set[str] = set()
+        on_disk: dict[str, int] = {}  # per pool: the bytes of its own media, as they lie
         for media in self._all_media():
             known.add(media.id)
             if media.volume in offline:
@@ -82,10 +84,15 @@ class Fsck:
                 )
             elif media.id not in live:
                 yield from self._check_media(media)
+            size = None if media.volume in offline else self.backing.size(media.volume, media.id)
+            on_disk[media.pool_id] = on_disk.get(media.pool_id, 0) + (
+                media.size if size is None else size
+            )
             if progress is not None:
                 progress(1)
         yield from self._orphans(known, set(offline))
         yield from self._usage()
+        yield from self._over_quota(on_disk)
 
     # grants ----------------------------------------------------------------
     def _stale_grants(self) -> Iterator[Problem]:
@@ -339,6 +346,33 @@ class Fsck:
                     f"pool {self.v.pools.path(pool.id)}: used {pool.used_bytes} bytes recorded, "
                     f"{expected[pool.id]} counted",
                     functools.partial(self._set_usage, pool.id, expected[pool.id]),
+                )
+
+    def _over_quota(self, on_disk: dict[str, int]) -> Iterator[Problem]:
+        """Pools whose media hold more bytes on disk than their quota allows, whoever
+        holds grants on them (a writer stays within its grant, so even a live one's
+        file never passes a quota). No repair: bytes that are there were written,
+        and only a human may delete them. Media of an unmounted volume count at
+        the size the catalog records."""
+        with self.v.db.transaction() as s:
+            pools = list(s.execute(select(Pool)).scalars())
+        children: dict[str | None, list[Pool]] = {}
+        for pool in pools:
+            children.setdefault(pool.parent_id, []).append(pool)
+
+        def subtree(pool: Pool) -> int:
+            return on_disk.get(pool.id, 0) + sum(subtree(c) for c in children.get(pool.id, []))
+
+        for pool in pools:
+            if pool.quota_bytes is None:
+                continue  # inherits: the ancestor with the quota is checked
+            real = subtree(pool)
+            if real > pool.quota_bytes:
+                yield Problem(
+                    "over-quota",
+                    f"pool {self.v.pools.path(pool.id)}: {real} bytes on disk, "
+                    f"{real - pool.quota_bytes} over its quota of {pool.quota_bytes}",
+                    None,
                 )
 
     def _set_usage(self, pool_id: str, used: int) -> None:

@@ -3,7 +3,7 @@
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -30,6 +30,7 @@ from velocityfs.service.ledger import (
     granted,
     lock_media_rows,
     media_row,
+    require_live_holder,
 )
 from velocityfs.service.names import check_name
 from velocityfs.service.pools import name_taken
@@ -44,6 +45,11 @@ log = logging.getLogger(__name__)
 XATTRS = XAttr.__table__
 _INSERT_MEDIA = Prepared(insert(MEDIA))
 _EXISTS = select(MEDIA.c.id).where(MEDIA.c.id == bindparam("mid"))
+_VOLUMES = select(MEDIA.c.id, MEDIA.c.volume).where(
+    MEDIA.c.id.in_(bindparam("ids", expanding=True))
+)
+# Media ids one statement binds at most (psycopg allows 65,535 parameters).
+VOLUMES_BATCH = 2000
 # Where new media goes: the volume policy, asked with the create's connection (so it
 # reads the catalog inside the create's unit of work), the pool's path, the name and
 # the creator.
@@ -250,6 +256,8 @@ class MediaService:
         made: tuple[str, str] | None = None  # the backing file, while this create has one
         try:
             with self.db.batched() if journal else self.db.statements() as conn:
+                if holder_id is not None:
+                    require_live_holder(conn, holder_id)
                 (chain,) = self.chains.lock(conn, pool_id)
                 if name_taken(conn, pool_id, name):
                     raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
@@ -366,6 +374,16 @@ class MediaService:
         with self.db.reading() as s:
             conn = s.connection()
             return self._placement(conn, self.chains.path(conn, pool_id), name, creator)
+
+    def volumes(self, media_ids: Iterable[str]) -> dict[str, str]:
+        """The volume of each media that exists, by id."""
+        ids = list(media_ids)
+        found: dict[str, str] = {}
+        with self.db.statements() as conn:
+            for start in range(0, len(ids), VOLUMES_BATCH):
+                chunk = {"ids": ids[start : start + VOLUMES_BATCH]}
+                found.update((row.id, row.volume) for row in conn.execute(_VOLUMES, chunk))
+        return found
 
     def get(self, media_id: str) -> MediaView:
         with self.db.transaction() as s:

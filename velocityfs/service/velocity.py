@@ -13,7 +13,7 @@ from velocityfs.errors import VelocityError
 from velocityfs.service.accounts import DEFAULT_AUTHKEY_LIFETIME_S, AccountService
 from velocityfs.service.chains import Chains
 from velocityfs.service.changes import ChangeFeed
-from velocityfs.service.ledger import DEFAULT_LEASE_S, Ledger
+from velocityfs.service.ledger import Ledger
 from velocityfs.service.media import MediaService, XAttrs
 from velocityfs.service.policy import DEFAULT_POLICY, Decision, Subject, VolumePolicy
 from velocityfs.service.pools import PoolService
@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 
 class NotInitialised(VelocityError):
     """The catalog has no schema yet: ``velocityfs init`` was not run."""
+
+
+@dataclass(frozen=True)
+class Rejoined:
+    """A writer registered again: its new holder id, and the sizes on disk of its media."""
+
+    holder_id: str
+    sizes: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -49,12 +57,11 @@ class Velocity:
         *,
         authkey_lifetime_s: int = DEFAULT_AUTHKEY_LIFETIME_S,
         volume_policy: str = DEFAULT_POLICY,
-        lease_s: float = DEFAULT_LEASE_S,
     ) -> None:
         self.db = Database(catalog_url)
         self.backing = BackingStore(store_top)
         self.chains = Chains()
-        self.ledger = Ledger(self.db, self.chains, lease_s)
+        self.ledger = Ledger(self.db, self.chains)
         self.volumes = VolumeService(self.db, self.backing)
         self.policy = VolumePolicy(volume_policy)
         self.media = MediaService(
@@ -71,8 +78,9 @@ class Velocity:
         self.xattrs = XAttrs(self.db)
         self.changes = ChangeFeed(self.db, self.media)
 
-    def init(self) -> list[Marking]:
+    def init(self, *, lease_s: float | None = None) -> list[Marking]:
         """Create or upgrade the catalog and the store layout; harmless to repeat.
+        With ``lease_s``, set the catalog's lease length too.
 
         Also gives the store its marker and marks each volume that has none and
         whose disk holds all its media (a store made before volume markers):
@@ -81,6 +89,8 @@ class Velocity:
         self.backing.ensure_layout()
         upgrade(self.db.engine)
         self.accounts.ensure_root_group()
+        if lease_s is not None:
+            self.ledger.set_lease(lease_s)
         return self.volumes.mark_unmarked()
 
     def require_initialised(self) -> None:
@@ -151,21 +161,40 @@ class Velocity:
 
     def register_writer(self) -> str:
         """Register this process as a grant holder whose creates are batched, journaled
-        and take spare files (``MediaService.start_creates``); returns its holder id.
-        A process whose lease was reclaimed while it was cut off calls it again."""
+        and take spare files (``MediaService.start_creates``); returns its holder id."""
         holder_id = self.ledger.register_holder()
         self.media.start_creates(holder_id)
         return holder_id
 
-    def reclaim_dead_holders(self) -> int:
-        """Return the grants of crashed processes on this host, keeping bytes they wrote.
+    def register_writer_again(self, old_holder_id: str, media_ids: Iterable[str]) -> Rejoined:
+        """A writer whose lease expired (it stalled, or was cut off) starts afresh.
 
-        Each media a dead writer held a grant on is settled to its backing
-        file's size (never above what the grant allowed; a longer file is cut
-        back to the charged size). Creates it journaled but never committed
-        come back first (``MediaService.recover_journal``), from the journal
-        of any holder that is dead or gone from the catalog; its spare files
-        go (``store.spares``).
+        Its old holder is fenced and reclaimed here, if no other process has
+        done so yet, so every grant it held is settled to the size of the file
+        on disk; then it registers anew. ``media_ids`` are the media it has
+        state for: their sizes on disk are recorded (charged even past a quota:
+        they are there, and their writes were acknowledged) and returned, for
+        the mount to take instead of what it remembers.
+        """
+        if self.ledger.fence(old_holder_id):
+            self._reclaim(old_holder_id)
+        holder_id = self.register_writer()
+        sizes = self._sizes_on_disk(media_ids)
+        self.ledger.record_sizes(sizes)
+        return Rejoined(holder_id, sizes)
+
+    def reclaim_dead_holders(self) -> int:
+        """Return the grants of dead processes, keeping the bytes they wrote.
+
+        Each dead holder is fenced first, in the transaction that judges it dead
+        (``Ledger.fence``): from then on it can take, grow or settle no grant
+        and renew no lease, so its files no longer change by its hand. Then
+        every media it held a grant on is settled to its backing file's size,
+        measured after the fence (``Ledger.reclaim``); no file is cut. Creates
+        it journaled but never committed come back first
+        (``MediaService.recover_journal``), from the journal of any holder that
+        is dead or gone from the catalog; its spare files go (``store.spares``).
+        This process's own holders are never among the dead.
         """
         # The files first: a holder is registered before it makes its journal and
         # spares, so one whose files are seen here is in the table read next.
@@ -187,21 +216,22 @@ class Velocity:
                 self.backing.discard_spares(directory.name)
         reclaimed = 0
         for holder_id in dead:
-            sizes: dict[str, int] = {}
-            for _grant_id, media_id in self.ledger.stale_grants([holder_id]):
-                if media_id is None:
-                    continue
-                media = self.media.get(media_id)
-                size = self.backing.size(media.volume, media_id)
-                if size is not None:
-                    sizes[media_id] = size
-            reclaimed += self.ledger.reclaim(holder_id, sizes)
-            self.backing.discard_uploads(holder_id)
-            for media_id, size in sizes.items():
-                media = self.media.get(media_id)
-                if size > media.size:
-                    os.truncate(media.backing_path, media.size)
+            if self.ledger.fence(holder_id):
+                reclaimed += self._reclaim(holder_id)
         return reclaimed
+
+    def _reclaim(self, holder_id: str) -> int:
+        """Settle a fenced holder's grants to the sizes of its files on disk."""
+        media_ids = [mid for _gid, mid in self.ledger.stale_grants([holder_id]) if mid]
+        reclaimed = self.ledger.reclaim(holder_id, self._sizes_on_disk(media_ids))
+        self.backing.discard_uploads(holder_id)
+        return reclaimed
+
+    def _sizes_on_disk(self, media_ids: Iterable[str]) -> dict[str, int]:
+        """The apparent sizes of media's backing files (media or files gone: left out)."""
+        volumes = self.media.volumes(media_ids)
+        sizes = {mid: self.backing.size(volume, mid) for mid, volume in volumes.items()}
+        return {mid: size for mid, size in sizes.items() if size is not None}
 
     def close(self) -> None:
         self.db.dispose()
