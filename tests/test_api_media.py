@@ -7,15 +7,19 @@ taken name. DELETE /p/media removes the media, its backing file and its charge.
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 import uuid
 
+import pytest
 from support.api import (
     MIB,
     api_mount_fixture,  # noqa: F401
     backing_file,
     store_files,
 )
+from support.fs import sync_dir
 
 JSON = {"content-type": "application/json"}
 NOT_OBJECTS = [b"{", b"pid=1", b"[]", b'"x"', b"7", b"null"]
@@ -156,3 +160,32 @@ def test_media_create_list_delete(api_mount):
     api.delete_media(alice, disk, status=404)
     assert api.delete_media(s.key("admin"), half) == {}  # the root group may
     assert s.usage("tenants/vm")["tenants/vm"] == used - 16 * MIB - MIB // 2
+
+
+def test_a_refusal_names_the_pool_that_is_full(api_mount):
+    """The quota that refuses may be an ancestor's: the 413 names that pool, not the
+    one written to, which still has room of its own."""
+    s = api_mount(subpools={"tenants/b": 100})
+    api, key = s.api, s.key("alice")
+    b = s.pids["tenants/b"]
+    api.create_media(key, s.pids["tenants"], "big.img", 1000)  # tenants: 24 MiB left
+    refused = api.create_media(key, b, "vm.img", 50, status=413)
+    assert refused["error"].startswith("pool 'tenants' is full: 25165824 bytes left"), refused
+    refused = api.upload(key, b, "seed.iso", bytes(30 << 20), status=413)
+    assert "'tenants'" in refused["error"], refused
+    # On the mount: ENOSPC, and the daemon's log line names the full pool too.
+    fd = os.open(s.mount / "tenants" / "b" / "dd.img", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OSError) as refused_write:
+            for _ in range(30):
+                os.write(fd, bytes(1 << 20))
+    finally:
+        os.close(fd)
+    assert refused_write.value.errno == errno.ENOSPC
+    deadline = time.monotonic() + 10
+    while "pool 'tenants' is full" not in s.mount.log:
+        assert time.monotonic() < deadline, s.mount.log
+        time.sleep(0.05)
+    os.unlink(s.mount / "tenants" / "b" / "dd.img")
+    sync_dir(s.mount / "tenants" / "b")
+    api.create_media(key, b, "vm.img", 24)  # what is left fits, exactly

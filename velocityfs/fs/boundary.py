@@ -8,7 +8,8 @@ and maps whatever it raises here, in one place:
 - ``pyfuse3.FUSEError``: the handler chose the errno; passed on;
 - ``OSError`` (a volume's disk failed, filled up or went away): its errno,
   EIO when it has none, with one warning line naming the request;
-- a service refusal (``VelocityError``): its errno from ``ERRNO``;
+- a service refusal (``VelocityError``): its errno from ``ERRNO`` (a quota's
+  refusal, which names the full pool, with an info line);
 - an unreachable catalog (``CatalogUnavailable``): EIO, with one warning line;
 - anything else (a bug): EIO, with one error line and the traceback.
 
@@ -88,6 +89,8 @@ def _log(request: str, exc: Exception) -> None:
     if isinstance(exc, errors.VelocityError):
         if isinstance(exc, errors.LeaseLost | errors.VolumeOffline):
             log.warning("%s: %s", request, exc)
+        elif isinstance(exc, errors.QuotaExceeded):
+            log.info("%s: no space: %s", request, exc)  # names the pool that is full
         return
     if isinstance(exc, (OSError, CatalogUnavailable)):
         log.warning("%s: %s", request, exc)

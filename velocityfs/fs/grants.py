@@ -179,9 +179,9 @@ class Grants:
         end = off + length
         if self.fits(node, end):
             return length
-        await self._reserve(node, end, partial=True)
+        refusal = await self._reserve(node, end, partial=True)
         if off >= node.charged:
-            raise QuotaExceeded(f"no room left for media {node.media_id}")
+            raise refusal or QuotaExceeded(f"no room left for media {node.media_id}")
         return min(length, node.charged - off)
 
     def wrote(self, node: MediaNode, end: int) -> None:
@@ -244,24 +244,25 @@ class Grants:
             node.mtime_ns = node.ctime_ns = time.time_ns()
             node.dirty = True
 
-    async def _reserve(self, node: MediaNode, end: int, *, partial: bool) -> None:
+    async def _reserve(self, node: MediaNode, end: int, *, partial: bool) -> QuotaExceeded | None:
         """``_grow``, and once more after committing pending closes if it fell short:
         their grants may be what holds the room."""
         try:
-            await self._grow(node, end, partial=partial)
+            refusal = await self._grow(node, end, partial=partial)
             if end <= node.charged or not self._releases.pending:
-                return
+                return refusal
         except QuotaExceeded:
             if not self._releases.pending:
                 raise
         await self.commit()
-        await self._grow(node, end, partial=partial)
+        return await self._grow(node, end, partial=partial)
 
-    async def _grow(self, node: MediaNode, end: int, *, partial: bool) -> None:
-        """Reserve room so that ``node.charged >= end`` (or as much as fits, if partial)."""
+    async def _grow(self, node: MediaNode, end: int, *, partial: bool) -> QuotaExceeded | None:
+        """Reserve room so that ``node.charged >= end``; if ``partial``, as much as fits,
+        and the quota's refusal (which names the full pool) is returned, not raised."""
         async with node.lock:
             if end <= node.charged:
-                return
+                return None
             if node.deleted:
                 raise QuotaExceeded(f"media {node.media_id} was removed")
             try:
@@ -272,12 +273,13 @@ class Grants:
                     end - node.charged,
                     partial=partial,
                 )
-            except QuotaExceeded:
+            except QuotaExceeded as refusal:
                 if partial:
-                    return
+                    return refusal
                 raise
             node.charged += reservation.added
             node.held = True
+            return None
 
     # settling ---------------------------------------------------------------------
     async def settle(self, node: MediaNode, *, release_grant: bool) -> None:

@@ -239,14 +239,23 @@ def charge(
     A negative delta (returning room) is never refused. With ``touch_ns`` the
     last pool's mtime and ctime are set too, in the same statement.
     """
-    if delta > 0:
-        for pool in chain:
-            if pool.quota_bytes is not None and pool.used_bytes + delta > pool.quota_bytes:
-                raise QuotaExceeded(
-                    f"pool '{pool.name}' has {max(0, pool.quota_bytes - pool.used_bytes)} "
-                    f"bytes left, {delta} needed"
-                )
+    if delta > 0 and any(
+        p.quota_bytes is not None and p.used_bytes + delta > p.quota_bytes for p in chain
+    ):
+        raise full(chain, delta)
     adjust(conn, chain, delta, touch_ns=touch_ns)
+
+
+def full(chain: Sequence[Link], need: int) -> QuotaExceeded:
+    """The refusal of ``need`` bytes on ``chain``, naming the pool that is full: the one
+    with the least room, which may be an ancestor of the pool written to."""
+    limited = [p for p in chain if p.quota_bytes is not None]
+    if not limited:
+        return QuotaExceeded(f"pool '{chain_path(chain)}' has no quota: no room")
+    pool = min(limited, key=lambda p: (p.quota_bytes or 0) - p.used_bytes)
+    path = chain_path(chain[: chain.index(pool) + 1])
+    left = max(0, (pool.quota_bytes or 0) - pool.used_bytes)
+    return QuotaExceeded(f"pool '{path}' is full: {left} bytes left, {need} needed")
 
 
 def adjust(

@@ -35,8 +35,8 @@ from sqlalchemy import (
 from velocityfs.catalog.database import POSTGRESQL_NOW_NS, Database
 from velocityfs.catalog.models import CatalogSettings, Grant, Holder, Media, new_id
 from velocityfs.catalog.prepared import Prepared
-from velocityfs.errors import InvalidValue, LeaseLost, NotFound, QuotaExceeded
-from velocityfs.service.chains import Chains, Link, adjust, charge, room, serialised
+from velocityfs.errors import InvalidValue, LeaseLost, NotFound
+from velocityfs.service.chains import Chains, Link, adjust, charge, full, room, serialised
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class Ledger:
             media, chain = lock_media(conn, self.chains, media_id)
             available = room(chain)
             if available == 0 or (available < need and not partial):
-                raise QuotaExceeded(f"pool '{chain[-1].name}': {available} bytes left")
+                raise full(chain, need)
             added = grant_size(need, available, chunk)
             charge(conn, chain, added)
             grant = conn.execute(_HOLDER_GRANTS, {"ids": [media_id], "holder": holder_id}).first()
@@ -406,7 +406,7 @@ class Ledger:
             (chain,) = self.chains.lock(conn, pool_id)
             available = room(chain)
             if available < need:
-                raise QuotaExceeded(f"pool '{chain[-1].name}': {available} bytes left")
+                raise full(chain, need)
             need = grant_size(need, available, chunk) if chunk else need
             charge(conn, chain, need)
             if grant_id is not None and conn.execute(_GRANT_BY_ID, {"gid": grant_id}).first():
