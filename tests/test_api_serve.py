@@ -154,3 +154,8 @@ def test_standalone_serve(cli, standalone, catalog_url, store_dir):
     assert server.stop() == 0, server.log
     assert "Traceback" not in server.log, server.log
     assert "velocityfs: serving" in server.log
+    # A clean stop leaves nothing for fsck to report: no directory of its uploads either.
+    checked = cli("fsck")
+    assert (checked.returncode, checked.stdout) == (0, "0 repaired, 0 remaining\n"), (
+        checked.stdout + checked.stderr
+    )

@@ -26,3 +26,28 @@ def test_a_moved_pool_charges_its_new_ancestors(catalog_url: str, store_dir: Pat
     assert v.pools.get(b.id).used_bytes == 3 * MIB
     assert v.pools.get(x.id).used_bytes == 3 * MIB
     v.close()
+
+
+def test_a_moved_pool_outlives_the_ancestor_it_was_remembered_under(
+    catalog_url: str, store_dir: Path
+) -> None:
+    """The memory says x hangs under a, which is gone: that is a stale hint, not a
+    missing pool (found by tests/test_fs_stress.py: rmdir answered ENOENT)."""
+    v = Velocity(catalog_url, store_dir)
+    v.init()
+    top = v.pools.create(None, "top", 100 * MIB)
+    a = v.pools.create(top.id, "a", None)
+    b = v.pools.create(top.id, "b", None)
+    x = v.pools.create(a.id, "x", None)
+    media = v.media.create(x.id, "disk.img")
+    holder = v.ledger.register_holder()
+    v.ledger.settle(media.id, holder, 1 * MIB)  # remembers x -> a -> top
+
+    v.pools.rename(x.id, b.id, "x")
+    v.pools.remove(a.id)
+    v.ledger.settle(media.id, holder, 2 * MIB)
+    assert v.pools.get(b.id).used_bytes == v.pools.get(top.id).used_bytes == 2 * MIB
+    v.media.remove(media.id)
+    v.pools.remove(x.id)
+    assert {p.name for p in v.pools.all()} == {"top", "b"}
+    v.close()

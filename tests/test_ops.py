@@ -663,7 +663,8 @@ def access_lines(log: str) -> list[tuple[str, str, int]]:
 
 
 def api_requests(port: int, pid: str) -> tuple[list[tuple[str, str, int]], str]:
-    """A few requests of every kind; returns (method, logged path, status) each, and the key."""
+    """A few requests of every kind; returns (method, logged route template, status) each,
+    and the key."""
     made = []
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
         res = http.post("/u/auth", json={"name": "alice", "password": "pw"})
@@ -676,13 +677,13 @@ def api_requests(port: int, pid: str) -> tuple[list[tuple[str, str, int]], str]:
         made.append(("GET", "/p/media", res.status_code))
         res = http.put(f"/p/media/{key}/{pid}/upload.iso", content=pattern(MIB))
         assert res.status_code == 200, res.text
-        made.append(("PUT", "/p/media/<authkey>/...", 200))
+        made.append(("PUT", "/p/media/{authkey}/{pid}/{filename:path}", 200))
         res = http.put(f"/p/media/{key}/{pid}/upload.iso", content=b"again")
-        made.append(("PUT", "/p/media/<authkey>/...", res.status_code))
+        made.append(("PUT", "/p/media/{authkey}/{pid}/{filename:path}", res.status_code))
         res = http.get("/openapi.json")
         made.append(("GET", "/openapi.json", res.status_code))
         res = http.get("/nowhere")
-        made.append(("GET", "/nowhere", res.status_code))
+        made.append(("GET", "(unmatched)", res.status_code))  # its path is not logged
     assert [s for _m, _p, s in made] == [200, 200, 403, 200, 409, 200, 404]
     return made, key
 
@@ -717,3 +718,37 @@ def test_daemon_logs_api_requests(vcli, catalog_url, store_dir, mount):
     assert not [line for line in quiet.log.splitlines() if line.startswith("INFO")], quiet.log
     assert key not in quiet.log
     assert "velocityfs: mounted" in quiet.log
+
+
+def counts_lines(log: str) -> list[dict[str, int]]:
+    """Each ``velocityfs: counts k=v ...`` line of a daemon's log, as a dict."""
+    return [
+        {key: int(value) for key, value in (pair.split("=") for pair in line.split()[2:])}
+        for line in log.splitlines()
+        if line.startswith("velocityfs: counts ")
+    ]
+
+
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
+def test_the_mount_counts_requests_and_transactions_on_sigusr1_and_at_exit(catalog, mount):
+    catalog.setup({"tenants": 64})
+    m = mount("--log-level", "WARNING")  # the counts are printed whatever the level
+    pool = m / "tenants"
+    os.kill(m.pid, signal.SIGUSR1)
+    wait_for(lambda: len(counts_lines(m.log)) == 1, what="the first counts line")
+    for i in range(10):
+        (pool / f"vm-{i}.img").write_bytes(b"x" * 4096)
+    os.listdir(pool)
+    os.kill(m.pid, signal.SIGUSR1)
+    wait_for(lambda: len(counts_lines(m.log)) == 2, what="the second counts line")
+    m.stop()
+    before, after, at_exit = counts_lines(m.log)
+    assert after["create"] - before.get("create", 0) == 10
+    assert after["write"] - before.get("write", 0) >= 10
+    assert after["release"] - before.get("release", 0) == 10
+    assert after["requests"] == sum(
+        n for k, n in after.items() if k not in ("requests", "transactions")
+    )
+    assert after["transactions"] > before["transactions"]
+    assert at_exit["requests"] >= after["requests"]
+    assert at_exit["transactions"] >= after["transactions"]

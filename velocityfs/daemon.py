@@ -9,8 +9,10 @@ Both kinds of process live the same life, and it is written once, here:
    SQLite), and checkpoint SQLite's log in the background;
 4. serve: the kernel mount (``fs.session``) and/or the API (``api.server``);
 5. end on SIGINT or SIGTERM (``systemctl stop``), telling systemd both ways;
+   on SIGUSR1, and at the end, print what it has cost (``_report``);
 6. on the way out, whatever happened: commit the last batch, retire the
-   holder (its lease expires instead if the catalog is away), close.
+   holder (its lease expires instead if the catalog is away), remove its
+   upload directories, close.
 
 This module sits above the adapters: ``fs`` and ``api`` never import each
 other, the CLI calls ``run_mount`` and ``run_serve``.
@@ -65,6 +67,10 @@ class Role(Protocol):
         """The status line, once serving."""
         ...
 
+    def requests(self) -> dict[str, int]:
+        """Kernel requests served so far, by kind (none for the API alone)."""
+        ...
+
 
 class _ApiAlone:
     """``velocityfs serve``: the API alone, holding grants only while uploads run."""
@@ -95,6 +101,9 @@ class _ApiAlone:
 
     async def ready(self) -> str:
         return f"serving http://{self._bind}"
+
+    def requests(self) -> dict[str, int]:
+        return {}
 
     async def _keep_lease(self) -> None:
         """Renew the lease on upload grants, so no other process reclaims them as dead;
@@ -182,6 +191,7 @@ def _serve(
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, role.stop)
+            nursery.start_soon(_report_on_request, velocity, role)
             nursery.start_soon(checkpoints, velocity.db)
             role.start(nursery)
             if api_bind is not None:
@@ -208,6 +218,8 @@ def _serve(
         if listen_error is None:
             raise
         raise listen_error from None
+    finally:
+        _report(velocity, role)
 
 
 async def _watch_signals(stop: Callable[[], None]) -> None:
@@ -219,6 +231,23 @@ async def _watch_signals(stop: Callable[[], None]) -> None:
             return
 
 
+async def _report_on_request(velocity: Velocity, role: Role) -> None:
+    """``kill -USR1``: the counts so far (benchmarks take them before and after a run)."""
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _signum in signals:
+            _report(velocity, role)
+
+
+def _report(velocity: Velocity, role: Role) -> None:
+    """One line of what this process cost so far, whatever the log level:
+    ``velocityfs: counts transactions=N requests=N lookup=N ...`` (kernel requests
+    by kind, catalog transactions committed): figures no disk noise moves."""
+    requests = role.requests()
+    counts = [f"transactions={velocity.db.commits}", f"requests={sum(requests.values())}"]
+    counts += [f"{kind}={n}" for kind, n in sorted(requests.items())]
+    print("velocityfs: counts " + " ".join(counts), file=sys.stderr, flush=True)
+
+
 async def _announce(role: Role) -> None:
     status = await role.ready()
     print(f"velocityfs: {status}", file=sys.stderr, flush=True)
@@ -226,11 +255,13 @@ async def _announce(role: Role) -> None:
 
 
 def _retire(velocity: Velocity, holder_id: str, ended: str) -> None:
-    """Step 6: the last batch, the holder, the catalog."""
+    """Step 6: the last batch, the holder, the catalog; and this process's upload
+    directories, which fsck would otherwise report as a gone process's leftovers."""
     try:
         velocity.media.end_creates()
         velocity.ledger.retire_holder(holder_id)
     except Exception as exc:  # the catalog is away: the lease expires instead
         log.warning("could not retire this process's lease (%s); it will expire", exc)
+    velocity.backing.discard_uploads(holder_id)
     log.info("%s; %d catalog transactions committed", ended, velocity.db.commits)
     velocity.close()

@@ -19,6 +19,15 @@ no fsync), sequential read of that file in 1 MiB reads after dropping the page c
 ``cp`` of a file from the native disk into the target, create / stat / unlink of many
 4 KiB files (stat after the FUSE attribute caches have expired, so each stat is a round
 trip), and ``ls -l`` of a large directory (once right after creating it, once again).
+Then the users' own workloads (scripts/bench/workloads.py): ``rsync -a`` of a media tree
+(small files in subdirectories and one large image), fio 4 KiB random write and read
+(psync, iodepth 1) on a VM disk file, and ``qemu-img convert`` of a sparse raw image
+into the target and back out.
+
+For every velocityfs row it also prints the kernel requests and catalog transactions per
+operation (``req/op``, ``txn/op``; the operation is named in the last column), taken from
+the daemon's own counts (``kill -USR1``) around each measurement. Those two do not depend
+on noise: steer by them.
 
 Why ratios: absolute numbers depend on the machine and on whatever else runs on it (a
 shared 2-core box is noisy). Every target is measured in the same run on the same disk,
@@ -56,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.metadata
 import json
 import os
@@ -74,14 +84,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import workloads
+
 MIB = 1 << 20
 SMALL_FILE = 4096
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = ("native", "velocityfs", "mergerfs", "passthrough")
 # Rows measured together, selectable with --only.
-GROUPS = ("sequential", "cp", "files", "ls")
+GROUPS = ("sequential", "cp", "files", "ls", "rsync", "fio", "qemu")
 MEMORY_FILESYSTEMS = {"tmpfs", "ramfs", "ramfs/tmpfs"}
 VELOCITYFS_READY = "velocityfs: mounted"
+VELOCITYFS_COUNTS = "velocityfs: counts "
 MOUNT_TIMEOUT = 60.0
 ATTR_TIMEOUT = 1  # seconds, velocityfs' default --attr-timeout; mergerfs gets the same
 CACHE_EXPIRY_WAIT = ATTR_TIMEOUT + 0.5
@@ -208,6 +221,22 @@ class FuseMount:
             return None
         match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
         return int(match.group(1)) / 1024 if match else None
+
+    def counts(self) -> dict[str, int]:
+        """The daemon's counts so far (velocityfs prints them on SIGUSR1): kernel requests
+        by kind and catalog transactions."""
+        assert self.proc is not None
+        seen = self.log_path.read_text(errors="replace").count(VELOCITYFS_COUNTS)
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            lines = [line for line in text.splitlines() if line.startswith(VELOCITYFS_COUNTS)]
+            if len(lines) > seen:
+                pairs = (pair.split("=") for pair in lines[-1].split()[2:])
+                return {key: int(value) for key, value in pairs}
+            time.sleep(0.01)
+        raise RuntimeError(f"{self.name} printed no counts within 10 s:\n" + self.log_tail())
 
     def _abort_connection(self) -> None:
         """Last resort for a hung daemon: abort our own FUSE connection via fusectl."""
@@ -343,8 +372,11 @@ def timed_cp(source: Path, dest: Path) -> float:
     return time.perf_counter() - start
 
 
-def small_files(directory: Path, count: int) -> tuple[float, float, float]:
-    """Seconds to create (4 KiB each), stat and unlink ``count`` files in a new directory."""
+def small_files(
+    directory: Path, count: int, phase_done: Callable[[str], None]
+) -> tuple[float, float, float]:
+    """Seconds to create (4 KiB each), stat and unlink ``count`` files in a new directory;
+    ``phase_done`` is told the end of each (create, stat, unlink), outside the timings."""
     directory.mkdir()
     names = [str(directory / f"f{i:06d}") for i in range(count)]
     payload = b"v" * SMALL_FILE
@@ -358,6 +390,7 @@ def small_files(directory: Path, count: int) -> tuple[float, float, float]:
         finally:
             os.close(fd)
     t1 = time.perf_counter()
+    phase_done("create")
     # Let the FUSE targets' name and attribute caches expire (1 s on both), so that every
     # stat is a round trip on each of them; otherwise the target that created its files
     # fastest would find more of them still cached.
@@ -365,9 +398,11 @@ def small_files(directory: Path, count: int) -> tuple[float, float, float]:
     t2 = time.perf_counter()
     sizes = [os.stat(name).st_size for name in names]
     t3 = time.perf_counter()
+    phase_done("stat")
     for name in names:
         os.unlink(name)
     t4 = time.perf_counter()
+    phase_done("unlink")
     directory.rmdir()
     if any(size != SMALL_FILE for size in sizes):
         raise RuntimeError(f"{directory}: a small file did not read back as {SMALL_FILE} bytes")
@@ -401,10 +436,18 @@ class Row:
     label: str
     unit: str
     higher_is_better: bool
+    per: str  # the operation velocityfs' requests and transactions are counted per
     samples: dict[str, list[float]] = field(default_factory=lambda: {t: [] for t in TARGETS})
+    # velocityfs' (kernel requests, catalog transactions) per operation, each sample
+    counts: list[tuple[float, float]] = field(default_factory=list)
 
     def add(self, target: str, value: float) -> None:
         self.samples[target].append(value)
+
+    def per_op(self, which: int) -> float | None:
+        """Median requests (0) or transactions (1) per operation of velocityfs."""
+        values = [c[which] for c in self.counts]
+        return statistics.median(values) if values else None
 
     def median(self, target: str) -> float | None:
         values = self.samples[target]
@@ -427,6 +470,11 @@ class Row:
             "ratio_to_native": {t: self.ratio(t) for t in TARGETS[1:]},
             "velocityfs_to_mergerfs": self.ratio("velocityfs", "mergerfs"),
             "velocityfs_to_passthrough": self.ratio("velocityfs", "passthrough"),
+            "velocityfs_per_op": {
+                "operation": self.per,
+                "requests": self.per_op(0),
+                "transactions": self.per_op(1),
+            },
         }
 
 
@@ -444,11 +492,15 @@ def fmt_ratio(value: float | None) -> str:
     return f"{value:.3f}" if value < 0.095 else f"{value:.2f}"
 
 
+def fmt_per_op(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def table(rows: list[Row]) -> str:
     header = ["row", "unit", "native"]
     for target in TARGETS[1:]:
         header += [target, "ratio"]
-    header += ["vfs/mfs", "vfs/pt"]
+    header += ["vfs/mfs", "vfs/pt", "req/op", "txn/op", "op"]
     lines = [
         [row.label, row.unit, fmt_value(row.median("native"), row.unit)]
         + [
@@ -459,6 +511,9 @@ def table(rows: list[Row]) -> str:
         + [
             fmt_ratio(row.ratio("velocityfs", "mergerfs")),
             fmt_ratio(row.ratio("velocityfs", "passthrough")),
+            fmt_per_op(row.per_op(0)),
+            fmt_per_op(row.per_op(1)),
+            row.per,
         ]
         for row in rows
     ]
@@ -480,6 +535,25 @@ class Target:
     name: str
     directory: Path
     backing: Callable[[Path], Path | None]
+    counts: Callable[[], dict[str, int]] | None = None  # velocityfs' (FuseMount.counts)
+
+
+class Counted:
+    """Takes velocityfs' counts around one measurement and adds them, per operation,
+    to a row (a no-op for the other targets)."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.before = target.counts() if target.counts else None
+
+    def done(self, row: Row, operations: int) -> None:
+        if self.before is None or self.target.counts is None:
+            return
+        after = self.target.counts()
+        requests = after["requests"] - self.before["requests"]
+        transactions = after["transactions"] - self.before["transactions"]
+        row.counts.append((requests / operations, transactions / operations))
+        self.before = after
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -509,6 +583,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=20000,
         help="entries in the ls -l directory (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rsync-files", type=int, default=1000, help="small files in the rsync tree (%(default)s)"
+    )
+    p.add_argument(
+        "--rsync-big-mib", type=int, default=256, help="the rsync tree's image (%(default)s MiB)"
+    )
+    p.add_argument("--fio-mib", type=int, default=256, help="fio's file (%(default)s MiB)")
+    p.add_argument("--fio-s", type=float, default=10.0, help="seconds per fio run (%(default)s)")
+    p.add_argument(
+        "--image-mib", type=int, default=2048, help="qemu-img's sparse image (%(default)s MiB)"
+    )
+    p.add_argument(
+        "--image-data-mib", type=int, default=64, help="data in that image (%(default)s MiB)"
     )
     p.add_argument(
         "--repeat",
@@ -547,7 +635,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
     args = p.parse_args(argv)
-    for name in ("size_mib", "cp_mib", "files", "entries", "repeat"):
+    for name in ("size_mib", "cp_mib", "files", "entries", "repeat", "rsync_files", "fio_mib"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -611,14 +699,44 @@ def run_rows(
     rows = {
         r.key: r
         for r in [
-            Row("seq_write", f"seq write {args.size_mib} MiB (1 MiB writes)", "MiB/s", True),
-            Row("seq_read", f"seq read {args.size_mib} MiB (1 MiB reads, cold)", "MiB/s", True),
-            Row("cp", f"cp {args.cp_mib} MiB from native disk", "MiB/s", True),
-            Row("create", f"create {args.files} x 4 KiB files", "ops/s", True),
-            Row("stat", f"stat {args.files} files (attrs expired)", "ops/s", True),
-            Row("unlink", f"unlink {args.files} files", "ops/s", True),
-            Row("ls_cold", f"ls -l {args.entries} entries (just created)", "s", False),
-            Row("ls_warm", f"ls -l {args.entries} entries (again)", "s", False),
+            Row("seq_write", f"seq write {args.size_mib} MiB (1 MiB writes)", "MiB/s", True, "MiB"),
+            Row("seq_read", f"seq read {args.size_mib} MiB (cold, 1 MiB)", "MiB/s", True, "MiB"),
+            Row("cp", f"cp {args.cp_mib} MiB from native disk", "MiB/s", True, "MiB"),
+            Row("create", f"create {args.files} x 4 KiB files", "ops/s", True, "file"),
+            Row("stat", f"stat {args.files} files (attrs expired)", "ops/s", True, "file"),
+            Row("unlink", f"unlink {args.files} files", "ops/s", True, "file"),
+            Row("ls_cold", f"ls -l {args.entries} entries (just created)", "s", False, "entry"),
+            Row("ls_warm", f"ls -l {args.entries} entries (again)", "s", False, "entry"),
+            Row(
+                "rsync",
+                f"rsync -a {args.rsync_files} x 4 KiB in {workloads.TREE_DIRS} dirs + "
+                f"{args.rsync_big_mib} MiB",
+                "s",
+                False,
+                "file",
+            ),
+            Row(
+                "fio_randwrite",
+                f"fio 4 KiB randwrite, psync, {args.fio_mib} MiB file",
+                "IOPS",
+                True,
+                "I/O",
+            ),
+            Row(
+                "fio_randread",
+                f"fio 4 KiB randread, psync, {args.fio_mib} MiB file",
+                "IOPS",
+                True,
+                "I/O",
+            ),
+            Row(
+                "qemu_in",
+                f"qemu-img convert {args.image_mib} MiB raw ({args.image_data_mib} MiB data) into",
+                "s",
+                False,
+                "image MiB",
+            ),
+            Row("qemu_out", "qemu-img convert of it out to native", "s", False, "image MiB"),
         ]
     }
     block = bytes(range(256)) * (MIB // 256)
@@ -633,14 +751,18 @@ def run_rows(
         for t in order:
             os.sync()
             path = t.directory / f"seq-{rep}.bin"
+            counted = Counted(t)
             seconds = seq_write(path, args.size_mib, block)
+            counted.done(rows["seq_write"], args.size_mib)
             rows["seq_write"].add(t.name, args.size_mib / seconds)
             progress(t, rows["seq_write"], rep, args.size_mib / seconds)
         for t in order:
             path = t.directory / f"seq-{rep}.bin"
             backing = t.backing(path)
             caches.drop(*(p for p in (path, backing) if p is not None))
+            counted = Counted(t)
             seconds = seq_read(path, size, buf)
+            counted.done(rows["seq_read"], args.size_mib)
             rows["seq_read"].add(t.name, args.size_mib / seconds)
             progress(t, rows["seq_read"], rep, args.size_mib / seconds)
             path.unlink()
@@ -655,7 +777,9 @@ def run_rows(
             dest = t.directory / f"cp-{rep}.bin"
             read_through(source, buf)
             os.sync()
+            counted = Counted(t)
             seconds = timed_cp(source, dest)
+            counted.done(rows["cp"], args.cp_mib)
             if dest.stat().st_size != args.cp_mib * MIB:
                 raise RuntimeError(f"cp produced {dest.stat().st_size} bytes in {dest}")
             rows["cp"].add(t.name, args.cp_mib / seconds)
@@ -665,7 +789,12 @@ def run_rows(
 
     for rep in range(args.repeat if "files" in args.only else 0):
         for t in ordered(targets, rep):
-            created, statted, unlinked = small_files(t.directory / f"files-{rep}", args.files)
+            counted = Counted(t)
+            created, statted, unlinked = small_files(
+                t.directory / f"files-{rep}",
+                args.files,
+                functools.partial(phase_counted, counted, rows, args.files),
+            )
             for key, seconds in (("create", created), ("stat", statted), ("unlink", unlinked)):
                 rows[key].add(t.name, args.files / seconds)
                 progress(t, rows[key], rep, args.files / seconds)
@@ -677,14 +806,73 @@ def run_rows(
             directory = t.directory / f"ls-{rep}"
             log(f"ls        {t.name:<10} #{rep + 1}: creating {args.entries} entries")
             populate(directory, args.entries)
+            counted = Counted(t)
             for key in ("ls_cold", "ls_warm"):
                 seconds = timed_ls(directory)
+                counted.done(rows[key], args.entries)
                 rows[key].add(t.name, seconds)
                 progress(t, rows[key], rep, seconds)
             listed = len(os.listdir(directory))
             if listed != args.entries:
                 raise RuntimeError(f"{directory} lists {listed} entries, not {args.entries}")
+    users_workloads(targets, args, work, rows, progress)
     return [row for row in rows.values() if row.samples["native"]]
+
+
+def phase_counted(counted: Counted, rows: dict[str, Row], files: int, key: str) -> None:
+    counted.done(rows[key], files)
+
+
+def users_workloads(
+    targets: list[Target],
+    args: argparse.Namespace,
+    work: Path,
+    rows: dict[str, Row],
+    progress: Callable[[Target, Row, int, float], None],
+) -> None:
+    """rsync of a media tree, fio on a VM disk, qemu-img convert into and out of the
+    target: the sources live on the native disk, outside every target."""
+    if "rsync" in args.only:
+        tree = work / "rsync-source"
+        log(f"making the rsync tree: {args.rsync_files} files and {args.rsync_big_mib} MiB")
+        files = workloads.make_tree(tree, args.rsync_files, args.rsync_big_mib)
+    for rep in range(args.repeat if "rsync" in args.only else 0):
+        for t in ordered(targets, rep):
+            os.sync()
+            counted = Counted(t)
+            seconds = workloads.timed_rsync(tree, t.directory / f"rsync-{rep}")
+            counted.done(rows["rsync"], files)
+            rows["rsync"].add(t.name, seconds)
+            progress(t, rows["rsync"], rep, seconds)
+            shutil.rmtree(t.directory / f"rsync-{rep}")
+    for rep in range(args.repeat if "fio" in args.only else 0):
+        for t in ordered(targets, rep):
+            disk = t.directory / "fio.img"
+            for key, rw in (("fio_randwrite", "randwrite"), ("fio_randread", "randread")):
+                workloads.fio(disk, "randread", args.fio_mib, 0.1)  # laid out, warm
+                counted = Counted(t)
+                iops, ios = workloads.fio(disk, rw, args.fio_mib, args.fio_s)
+                counted.done(rows[key], ios)
+                rows[key].add(t.name, iops)
+                progress(t, rows[key], rep, iops)
+            disk.unlink()
+    if "qemu" in args.only:
+        image = work / "qemu-source.img"
+        workloads.make_sparse_image(image, args.image_mib, args.image_data_mib)
+    for rep in range(args.repeat if "qemu" in args.only else 0):
+        for t in ordered(targets, rep):
+            inside, back = t.directory / f"qemu-{rep}.img", work / f"qemu-back-{rep}.img"
+            os.sync()
+            for key, source, dest in (("qemu_in", image, inside), ("qemu_out", inside, back)):
+                counted = Counted(t)
+                seconds = workloads.timed_convert(source, dest)
+                counted.done(rows[key], args.image_mib)
+                rows[key].add(t.name, seconds)
+                progress(t, rows[key], rep, seconds)
+            if not workloads.same_content(image, back):
+                raise RuntimeError(f"qemu-img convert through {t.name} changed the image")
+            inside.unlink()
+            back.unlink()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -741,6 +929,8 @@ def benchmark(
     vfs = [*velocityfs_command(), "--catalog", f"sqlite:///{work}/catalog.sqlite"]
     vfs += ["--store", str(work / "store")]
     quota_mib = 2 * (args.size_mib + args.cp_mib) + args.files * SMALL_FILE // MIB + 1024
+    quota_mib += args.rsync_big_mib + args.rsync_files * SMALL_FILE // MIB + args.fio_mib
+    quota_mib += args.image_mib
     env["velocityfs_quota_mib"] = quota_mib
     subprocess.run([*vfs, "init"], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(
@@ -792,7 +982,7 @@ def benchmark(
 
     targets = [
         Target("native", native_root / "native", lambda p: None),
-        Target("velocityfs", vfs_mnt / "bench", velocityfs_backing),
+        Target("velocityfs", vfs_mnt / "bench", velocityfs_backing, velocityfs.counts),
         Target("mergerfs", mfs_mnt / "mergerfs", lambda p: native_root / "mergerfs" / p.name),
         Target("passthrough", pt_mnt, lambda p: native_root / "passthrough" / p.name),
     ]
@@ -870,7 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
         log("not root: mounting may work, drop_caches will not (reads fall back to fadvise)")
-    for tool in ("mergerfs", "fusermount3", "cp", "ls", "stat"):
+    for tool in ("mergerfs", "fusermount3", "cp", "ls", "stat", "rsync", "fio", "qemu-img"):
         if shutil.which(tool) is None:
             raise SystemExit(f"bench: {tool} is not installed")
     parent = pick_workdir_parent(args.workdir, memory=args.memory)

@@ -11,7 +11,7 @@ export TOP
 cd "$TOP"
 
 VELOCITYFS_DEB_PACKAGES=(
-    fuse3 libfuse3-dev pkg-config postgresql rsync mergerfs qemu-utils attr util-linux systemd wrk
+    fuse3 libfuse3-dev pkg-config postgresql rsync mergerfs qemu-utils attr util-linux systemd wrk fio
     curl
     mount
     patch

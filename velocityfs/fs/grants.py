@@ -26,6 +26,7 @@ errno values. See docs/architecture.md, "The write state".
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -42,6 +43,7 @@ from velocityfs.fs.nodes import Inodes, MediaNode
 from velocityfs.service.ledger import Settlement
 from velocityfs.service.velocity import Velocity
 from velocityfs.service.views import Creator, MediaView
+from velocityfs.store.space import volume_holds
 from velocityfs.threads import Offload
 
 log = logging.getLogger(__name__)
@@ -195,6 +197,7 @@ class Grants:
         """Truncate or extend a media; growth past a quota raises QuotaExceeded and
         changes nothing."""
         await self.settle_first(node)
+        _require_volume_holds(node, size)
         if size > node.charged:
             await self._reserve(node, size, partial=False)
         with self._changes.changing(node.media_id):
@@ -228,6 +231,7 @@ class Grants:
         QuotaExceeded and changes nothing."""
         if grows_to is not None:
             self._require_lease()
+            _require_volume_holds(node, grows_to)
             if grows_to > node.charged:
                 await self._reserve(node, grows_to, partial=False)
         async with node.lock:
@@ -591,3 +595,10 @@ class Releases:
                 node.settled = node.size
                 node.held = False
                 node.dirty = False
+
+
+def _require_volume_holds(node: MediaNode, size: int) -> None:
+    """EFBIG, as the kernel's filesystems answer, for a size past the largest file the
+    media's volume holds; past a quota is ENOSPC, checked after this."""
+    if size > node.size and not volume_holds(node.open_path, size):
+        raise OSError(errno.EFBIG, f"the volume of media {node.media_id} holds no file that large")

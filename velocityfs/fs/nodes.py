@@ -42,6 +42,9 @@ class DirNode(Node):
 
     pool_id: str | None = None
     children: dict[str, Node] = field(default_factory=dict)
+    # Pools among the children: a directory's link count is 2 plus these, as on the
+    # kernel's own filesystems (find(1) relies on it). Kept by ``Inodes``.
+    subpools: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -137,7 +140,7 @@ class Inodes:
             xattrs=dict(xattrs),
             pool_id=view.id,
         )
-        parent.children[node.name] = node
+        _link(parent, node)
         self.by_ino[node.ino] = node
         self.by_pool[view.id] = node
         return node
@@ -160,15 +163,14 @@ class Inodes:
             charged=view.size,
             atime_ns=view.atime_ns,
         )
-        parent.children[node.name] = node
+        _link(parent, node)
         self.by_ino[node.ino] = node
         self.by_media[view.id] = node
         return node
 
     def detach(self, node: Node) -> None:
         """Take a node out of its directory; keep its inode while a handle is open."""
-        if node.parent is not None and node.parent.children.get(node.name) is node:
-            del node.parent.children[node.name]
+        _unlink(node)
         if isinstance(node, MediaNode):
             node.deleted = True
             self.by_media.pop(node.media_id, None)
@@ -179,11 +181,28 @@ class Inodes:
             self.by_ino.pop(node.ino, None)
 
     def move(self, node: Node, new_parent: DirNode, new_name: str) -> None:
-        if node.parent is not None and node.parent.children.get(node.name) is node:
-            del node.parent.children[node.name]
+        _unlink(node)
         node.parent = new_parent
         node.name = new_name
-        new_parent.children[new_name] = node
+        _link(new_parent, node)
+
+
+def _link(parent: DirNode, node: Node) -> None:
+    """Enter ``node`` in ``parent`` under its name, in place of what was there."""
+    replaced = parent.children.get(node.name)
+    if replaced is not None and replaced is not node:
+        _unlink(replaced)
+    parent.children[node.name] = node
+    if isinstance(node, DirNode):
+        parent.subpools += 1
+
+
+def _unlink(node: Node) -> None:
+    parent = node.parent
+    if parent is not None and parent.children.get(node.name) is node:
+        del parent.children[node.name]
+        if isinstance(node, DirNode):
+            parent.subpools -= 1
 
 
 def blocks_of(node: MediaNode) -> int:

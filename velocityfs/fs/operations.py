@@ -17,16 +17,19 @@ import grp
 import os
 import pwd
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyfuse3
 import trio
 
+from velocityfs.errors import NameTooLong
 from velocityfs.fs.boundary import fault_boundary
 from velocityfs.fs.grants import Grants
 from velocityfs.fs.local_changes import LocalChanges
 from velocityfs.fs.nodes import DirNode, Inodes, MediaNode, Node, blocks_of
+from velocityfs.service.names import MAX_NAME_BYTES
 from velocityfs.service.pools import mib_to_bytes
 from velocityfs.service.velocity import Velocity
 from velocityfs.service.views import Creator
@@ -108,6 +111,7 @@ class VelocityOperations(pyfuse3.Operations):
         self.changes = changes
         self.attr_timeout = attr_timeout
         self.handles: dict[int, Handle] = {}
+        self.requests: Counter[str] = Counter()  # counted by the fault boundary
         self._next_fh = 1
         self.dir_handles: dict[int, list[tuple[str, Node]]] = {}
 
@@ -158,7 +162,7 @@ class VelocityOperations(pyfuse3.Operations):
         else:
             assert isinstance(node, DirNode)
             a.st_mode = node.st_mode()
-            a.st_nlink = 2
+            a.st_nlink = 2 + node.subpools
             a.st_size = 4096
             a.st_blocks = 8
             a.st_atime_ns = node.mtime_ns
@@ -169,6 +173,9 @@ class VelocityOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self.dir(parent_inode)
+        if len(name) > MAX_NAME_BYTES:
+            # The kernel passes longer names on; its own filesystems refuse them here.
+            raise NameTooLong(f"a name is at most {MAX_NAME_BYTES} bytes")
         text = os.fsdecode(name)
         if text == ".":
             return self.attrs(parent)
@@ -235,7 +242,8 @@ class VelocityOperations(pyfuse3.Operations):
         """Snapshot the entries so a listing is stable while the pool changes."""
         node = self.dir(inode)
         fh = self._new_fh()
-        self.dir_handles[fh] = list(node.children.items())
+        dots: list[tuple[str, Node]] = [(".", node), ("..", node.parent or node)]
+        self.dir_handles[fh] = dots + list(node.children.items())
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:

@@ -108,6 +108,10 @@ class MountSession:
         """Leave ``serve`` (a signal asked the process to end)."""
         pyfuse3.terminate()
 
+    def requests(self) -> dict[str, int]:
+        """Kernel requests served so far, by kind (counted by ``fs.boundary``)."""
+        return dict(self.fs.ops.requests)
+
     async def ready(self) -> str:
         """Once the kernel answers: the read-ahead, then the status line."""
         await trio.to_thread.run_sync(raise_read_ahead, self.mountpoint)

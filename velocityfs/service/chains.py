@@ -161,9 +161,9 @@ class Chains:
         one ``Link``, so charges to overlapping chains add up. The chains come from
         what is remembered of the tree when they can, and every locked row is
         checked against them: a pool moved meanwhile means looking the chain up
-        again. In a batch (``Database.batched``) the links read are remembered
-        until it commits: nothing but its own units, which keep them current, can
-        change them.
+        again, as does a remembered ancestor that no longer exists. In a batch
+        (``Database.batched``) the links read are remembered until it commits:
+        nothing but its own units, which keep them current, can change them.
         """
         memo = conn.info.get(BATCH_MEMO)
         while True:
@@ -173,10 +173,16 @@ class Chains:
             order = sorted({(depth, pid) for chain in chains for depth, pid in enumerate(chain)})
             wanted = [pid for _depth, pid in order]
             links = _read_links(conn, wanted)
-            for pid in wanted:
-                if pid not in links:
-                    self._parents.pop(pid, None)
+            missing = [pid for pid in wanted if pid not in links]
+            for pid in missing:
+                self._parents.pop(pid, None)
+                if pid in pool_ids:
                     raise NotFound(f"no pool {pid}")
+            if missing:
+                # Only remembered ancestors are gone (a pool moved away before its old
+                # parent was removed): the hints through them are forgotten just now,
+                # so the chains are read again.
+                continue
             current = all(
                 links[pid].parent_id == (chain[i - 1] if i else None)
                 for chain in chains
