@@ -174,3 +174,32 @@ def test_a_size_no_volume_holds_is_efbig_and_past_the_quota_enospc(tmp_path, cat
     os.truncate(media, 64 * MIB)  # the quota, exactly, still fits
     assert os.path.getsize(media) == 64 * MIB
     m.stop()
+
+
+def times(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_atime_ns, st.st_mtime_ns
+
+
+def test_a_directory_keeps_its_access_time_apart_from_its_modification_time(
+    tmp_path, catalog, mount
+):
+    host = tmp_path / "host"
+    (host / "sub").mkdir(parents=True)
+    stamps = (1_600_000_000_123_456_789, 1_700_000_000_987_654_321)
+    os.utime(host / "sub", ns=stamps)
+    expected = times(host / "sub")
+    assert expected == stamps
+
+    catalog.setup({"tenants": 64})
+    m = mount()
+    sub = m / "tenants" / "sub"
+    sub.mkdir()
+    os.utime(sub, ns=stamps)
+    assert times(sub) == expected
+    os.utime(m / "tenants", ns=stamps)  # a pool the administrator made, too
+    assert times(m / "tenants") == expected
+    m.stop()
+    m = mount()  # as the catalog keeps them
+    assert times(m / "tenants" / "sub") == times(m / "tenants") == expected
+    m.stop()

@@ -82,6 +82,7 @@ class Pool(Base):
     mode: Mapped[int] = mapped_column(Integer, default=0o755)
     uid: Mapped[int] = mapped_column(Integer, default=0)
     gid: Mapped[int] = mapped_column(Integer, default=0)
+    atime_ns: Mapped[int] = mapped_column(BigInteger)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
     ctime_ns: Mapped[int] = mapped_column(BigInteger)
     changed_ns: Mapped[int] = mapped_column(

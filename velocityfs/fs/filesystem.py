@@ -46,6 +46,7 @@ class Filesystem:
             gid=0,
             mtime_ns=now,
             ctime_ns=now,
+            atime_ns=now,
         )
         self.velocity = velocity
         self.inodes = Inodes(root)

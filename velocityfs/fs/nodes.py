@@ -41,6 +41,7 @@ class DirNode(Node):
     """The mount root (pool_id None) or a pool."""
 
     pool_id: str | None = None
+    atime_ns: int = 0
     children: dict[str, Node] = field(default_factory=dict)
     # Pools among the children: a directory's link count is 2 plus these, as on the
     # kernel's own filesystems (find(1) relies on it). Kept by ``Inodes``.
@@ -60,7 +61,7 @@ class DirNode(Node):
     def update(self, view: PoolView) -> None:
         self.name = view.name
         self.mode, self.uid, self.gid = view.mode, view.uid, view.gid
-        self.mtime_ns, self.ctime_ns = view.mtime_ns, view.ctime_ns
+        self.atime_ns, self.mtime_ns, self.ctime_ns = view.atime_ns, view.mtime_ns, view.ctime_ns
 
 
 @dataclass(eq=False)
@@ -141,6 +142,7 @@ class Inodes:
             ctime_ns=view.ctime_ns,
             xattrs=dict(xattrs),
             pool_id=view.id,
+            atime_ns=view.atime_ns,
         )
         _link(parent, node)
         self.by_ino[node.ino] = node

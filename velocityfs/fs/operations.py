@@ -165,7 +165,7 @@ class VelocityOperations(pyfuse3.Operations):
             a.st_nlink = 2 + node.subpools
             a.st_size = 4096
             a.st_blocks = 8
-            a.st_atime_ns = node.mtime_ns
+            a.st_atime_ns = node.atime_ns
         return a
 
     # lookup and attributes -----------------------------------------------
@@ -212,12 +212,12 @@ class VelocityOperations(pyfuse3.Operations):
             changes["gid"] = attr.st_gid
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
         if isinstance(node, MediaNode):
             await self.grants.settle_first(node)  # its batch would write the old mtime
             if fields.update_size:
                 await self.grants.resize(node, attr.st_size)
-            if fields.update_atime:
-                changes["atime_ns"] = attr.st_atime_ns
             if changes:
                 with self.changes.changing(node.media_id):
                     await self.grants.call(self.v.media.set_attrs, node.media_id, **changes)
@@ -229,6 +229,7 @@ class VelocityOperations(pyfuse3.Operations):
             if changes:
                 with self.changes.changing(node.pool_id):
                     await self.grants.call(self.v.pools.set_attrs, node.pool_id, **changes)
+            node.atime_ns = changes.get("atime_ns", node.atime_ns)
         node.mode = changes.get("mode", node.mode)
         node.uid = changes.get("uid", node.uid)
         node.gid = changes.get("gid", node.gid)

@@ -38,6 +38,7 @@ def pool_view(pool: Pool) -> PoolView:
         mode=pool.mode,
         uid=pool.uid,
         gid=pool.gid,
+        atime_ns=pool.atime_ns,
         mtime_ns=pool.mtime_ns,
         ctime_ns=pool.ctime_ns,
     )
@@ -148,6 +149,7 @@ class PoolService:
                 mode=mode,
                 uid=uid,
                 gid=gid,
+                atime_ns=now,
                 mtime_ns=now,
                 ctime_ns=now,
             )
@@ -227,6 +229,7 @@ class PoolService:
         mode: int | None = None,
         uid: int | None = None,
         gid: int | None = None,
+        atime_ns: int | None = None,
         mtime_ns: int | None = None,
     ) -> PoolView:
         """Directory metadata that ``cp -a`` and ``rsync -a`` restore."""
@@ -234,7 +237,7 @@ class PoolService:
             pool = s.get(Pool, pool_id)
             if pool is None:
                 raise NotFound(f"no pool {pool_id}")
-            apply_attrs(pool, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns)
+            apply_attrs(pool, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
             return pool_view(pool)
 
     def rename(self, pool_id: str, new_parent_id: str, new_name: str) -> PoolView:

@@ -22,6 +22,7 @@ class PoolView:
     mode: int
     uid: int
     gid: int
+    atime_ns: int
     mtime_ns: int
     ctime_ns: int
 
