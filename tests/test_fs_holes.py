@@ -217,7 +217,7 @@ def test_copy_file_range_between_media_is_one_request_charged_like_a_write(
     assert catalog.pool("tenants")["used_bytes"] == 130 * MIB
 
 
-def test_copy_file_range_past_the_quota_is_short_then_enospc(catalog, mount, tmp_path):
+def test_copy_file_range_past_the_quota_is_short_then_enospc(catalog, mount):
     """The destination's room is that of a write of the same range: what fits is
     copied (a short count), then ENOSPC, and a refused copy changes nothing."""
     catalog.setup({"tenants": 40})
