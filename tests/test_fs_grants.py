@@ -188,6 +188,41 @@ def test_fallocate_growth_is_charged_like_a_write(v: Velocity) -> None:
     assert_usage_consistent(v)
 
 
+def test_copy_file_range_is_charged_like_a_write_of_the_same_range(v: Velocity) -> None:
+    """The destination gets the room a write would: copies fill the pool to the byte
+    (the last one short), then ENOSPC with nothing copied; a copy from the source's
+    end copies nothing and leaves the size alone."""
+    v.pools.create(None, "p", 3 * MIB)
+    fs = filesystem(v)
+    c = Client(fs)
+    data = os.urandom(MIB + KIB)
+
+    async def body() -> None:
+        src = await c.create("p/base.img")
+        await c.write(src, 0, data)
+        await c.close(src)
+        src, dst = await c.open("p/base.img", os.O_RDONLY), await c.create("p/copy.img")
+        off = 0
+        while True:
+            try:
+                off += await c.copy(src, 0, dst, off, len(data))
+            except pyfuse3.FUSEError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+        assert off == 3 * MIB - len(data)
+        assert await c.copy(src, len(data), dst, 0, MIB) == 0
+        whole, rest = divmod(off, len(data))
+        assert await c.read(dst, 0, 3 * MIB) == data * whole + data[:rest]
+        await c.close(src)
+        await c.close(dst)
+
+    run(fs, body)
+    assert on_disk(v, c, "p/copy.img") == 3 * MIB - len(data)
+    assert used(v, "p") == 3 * MIB
+    assert grant_count(v) == 0
+    assert_usage_consistent(v)
+
+
 def test_a_mount_whose_grants_were_reclaimed_registers_again_and_loses_nothing(
     catalog_url: str, store_dir: Path
 ) -> None:

@@ -45,16 +45,21 @@ _vfs_ensure_debs() {
         || _vfs_die "apt-get install ${missing[*]} failed" || return 1
 }
 
-# Keep .venv in step with pyproject.toml: (re)install when the venv is new or the
-# project metadata changed since the last successful install (tracked by a stamp).
+VENV_STAMP="$TOP/.venv/.velocityfs-installed"
+
 _vfs_ensure_venv() {
-    local stamp="$TOP/.venv/.velocityfs-installed"
     if [[ ! -x "$TOP/.venv/bin/python" ]]; then
         _vfs_log "creating virtualenv in $TOP/.venv"
         rm -rf "$TOP/.venv"
         python3 -m venv "$TOP/.venv" || _vfs_die "python3 -m venv failed" || return 1
-        rm -f "$stamp"
+        rm -f "$VENV_STAMP"
     fi
+}
+
+# Keep .venv in step with pyproject.toml: (re)install when the venv is new or the
+# project metadata changed since the last successful install (tracked by a stamp).
+_vfs_ensure_install() {
+    local stamp="$VENV_STAMP"
     if [[ ! -e "$stamp" || "$TOP/pyproject.toml" -nt "$stamp" ]]; then
         _vfs_log "installing velocityfs into .venv (pip install -e '.[test]')"
         "$TOP/.venv/bin/python" -m pip install --disable-pip-version-check -q -e "$TOP[test]" \
@@ -63,32 +68,43 @@ _vfs_ensure_venv() {
     fi
 }
 
-# pyfuse3 (3.5.0, the newest release) has no handler for FUSE's fallocate request, so
-# fallocate(2) on the mount would get EOPNOTSUPP. Until upstream has one, build that
-# release from PyPI's source with patches/pyfuse3-fallocate.patch (a handler in the
-# style of its fsync one). Skipped when the installed pyfuse3 already has it.
+# pyfuse3 (3.5.0, the newest release) has no handlers for FUSE's fallocate, lseek and
+# copy_file_range requests, so fallocate(2) on the mount would get EOPNOTSUPP, holes
+# would read as data (SEEK_DATA/SEEK_HOLE) and copies would go block by block. Until
+# upstream has them, build that release from PyPI's source with
+# patches/pyfuse3-velocityfs.patch (handlers in the style of its fsync one). Skipped
+# when the installed pyfuse3 has every handler the patch adds (read from the patch),
+# so a .venv built from an older patch is rebuilt. Only pyfuse3 comes from source: its
+# build dependencies (Cython, setuptools) are wheels, where `--no-binary :all:` used to
+# compile Cython too. Run before `pip install -e`, which then finds pyfuse3 installed
+# instead of compiling the unpatched release first (PyPI has no wheel of it).
 PYFUSE3_VERSION=3.5.0
+# Our build's local version label (`pip show pyfuse3`), raised with each change of the patch.
+PYFUSE3_BUILD=velocityfs.2
+PYFUSE3_PATCH="$TOP/patches/pyfuse3-velocityfs.patch"
 _vfs_ensure_pyfuse3() {
-    local py="$TOP/.venv/bin/python" work src
-    if "$py" -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Operations, "fallocate"))' \
-        2>/dev/null; then
+    local py="$TOP/.venv/bin/python" work src handlers
+    mapfile -t handlers < <(sed -n 's/^+    async def \([a-z_]*\)(.*/\1/p' "$PYFUSE3_PATCH")
+    if "$py" -c 'import pyfuse3, sys
+sys.exit(any(not hasattr(pyfuse3.Operations, name) for name in sys.argv[1:]))' \
+        "${handlers[@]}" 2>/dev/null; then
         return 0
     fi
-    _vfs_log "building pyfuse3 $PYFUSE3_VERSION with a fallocate handler" \
-        "(patches/pyfuse3-fallocate.patch)"
+    _vfs_log "building pyfuse3 $PYFUSE3_VERSION with the fallocate, lseek and" \
+        "copy_file_range handlers (patches/pyfuse3-velocityfs.patch)"
     work="$(mktemp -d)"
     src="$work/pyfuse3-$PYFUSE3_VERSION"
-    if "$py" -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: \
+    if "$py" -m pip download --disable-pip-version-check -q --no-deps --no-binary pyfuse3 \
         -d "$work" "pyfuse3==$PYFUSE3_VERSION" \
         && tar xzf "$src.tar.gz" -C "$work" \
-        && patch -d "$src" -p1 -s <"$TOP/patches/pyfuse3-fallocate.patch" \
-        && SETUPTOOLS_SCM_PRETEND_VERSION="$PYFUSE3_VERSION+velocityfs.1" \
+        && patch -d "$src" -p1 -s <"$PYFUSE3_PATCH" \
+        && SETUPTOOLS_SCM_PRETEND_VERSION="$PYFUSE3_VERSION+$PYFUSE3_BUILD" \
             "$py" -m pip install --disable-pip-version-check -q --no-deps "$src"; then
         rm -rf "$work"
         return 0
     fi
     rm -rf "$work"
-    _vfs_die "could not build pyfuse3 $PYFUSE3_VERSION with patches/pyfuse3-fallocate.patch"
+    _vfs_die "could not build pyfuse3 $PYFUSE3_VERSION with patches/pyfuse3-velocityfs.patch"
 }
 
 # FUSE needs /dev/fuse; the test watchdog needs fusectl to abort a hung connection.
@@ -122,4 +138,5 @@ _vfs_ensure_fuse() {
 _vfs_ensure_debs || return 1
 _vfs_ensure_venv || return 1
 _vfs_ensure_pyfuse3 || return 1
+_vfs_ensure_install || return 1
 _vfs_ensure_fuse || return 1

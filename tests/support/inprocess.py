@@ -109,6 +109,9 @@ class Client:
     async def fallocate(self, fh: int, off: int, length: int, mode: int = 0) -> None:
         await self.ops.fallocate(fh, mode, off, length)
 
+    async def copy(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int) -> int:
+        return await self.ops.copy_file_range(fh_in, off_in, fh_out, off_out, length, 0)
+
     async def fsync(self, fh: int) -> None:
         await self.ops.fsync(fh, False)
 

@@ -5,8 +5,8 @@ dirty, writers, and its lock) says what this mount may write without asking
 the catalog: up to ``charged`` bytes, while its lease holds. ``Grants`` alone
 changes it, with the catalog calls that go with each change:
 
-- reserving and growing a grant before a write, truncate or fallocate that
-  needs room (``room_for_write``, ``resize``, ``allocate``);
+- reserving and growing a grant before a write, copy, truncate or fallocate
+  that needs room (``room_for_write``, ``copy``, ``resize``, ``allocate``);
 - settling the real size into the catalog (fsync, truncate, a move);
 - the batches of closes and unlinks, committed ``BATCH_S`` after the first
   (``Releases``, below), and ordering other catalog calls after them;
@@ -243,6 +243,27 @@ class Grants:
                 node.size = grows_to
             node.mtime_ns = node.ctime_ns = time.time_ns()
             node.dirty = True
+
+    async def copy(
+        self, node: MediaNode, off: int, length: int, copy: Callable[[int], int]
+    ) -> int:
+        """Run ``copy(n)`` (a copy_file_range(2) of ``n`` bytes into ``node``'s backing
+        file at ``off``) on a thread; returns the bytes copied.
+
+        The room is that of a write of the same range (``room_for_write``): all of
+        it, what the quota still allows (a short copy), or QuotaExceeded with nothing
+        copied. The copy holds the node's lock, so no truncate or settlement hands
+        that room back under it; room handed back before the lock was taken is asked
+        for again.
+        """
+        while True:
+            room = await self.room_for_write(node, off, length)
+            async with node.lock:
+                if off + room <= node.charged:
+                    copied = await trio.to_thread.run_sync(copy, room)
+                    if copied:  # nothing copied (the source's end): the size stays
+                        self.wrote(node, off + copied)
+                    return copied
 
     async def _reserve(self, node: MediaNode, end: int, *, partial: bool) -> QuotaExceeded | None:
         """``_grow``, and once more after committing pending closes if it fell short:

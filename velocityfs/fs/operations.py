@@ -410,6 +410,43 @@ class VelocityOperations(pyfuse3.Operations):
             node, end if grows else None, functools.partial(fallocate, handle.fd, mode, off, length)
         )
 
+    async def lseek(self, fh: int, off: int, whence: int) -> int:
+        """SEEK_DATA and SEEK_HOLE, answered by the backing file: every write, truncate
+        and punched hole reaches it as asked, so its holes are the media's, and ``cp``,
+        ``qemu-img map`` and ``convert`` skip them instead of reading zeros.
+
+        ENXIO (no data at or after ``off``, or ``off`` past the end) is an answer, not
+        a disk fault: it goes back as chosen, without the boundary's warning line.
+        """
+        try:
+            return os.lseek(self.handle(fh).fd, off, whence)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                raise fuse_error(errno.ENXIO) from None
+            raise
+
+    async def copy_file_range(
+        self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int
+    ) -> int:
+        """copy_file_range(2) between two media: one request for the whole range, the
+        copy made by the backing files' own (a reflink where the volume has them).
+
+        The destination's room is that of a write of the same range (``Grants.copy``).
+        Backing files on filesystems that cannot copy between them (EXDEV, EOPNOTSUPP)
+        send the kernel back to reading and writing, each write charged as usual;
+        *flags* is always 0 (the kernel refuses any other).
+        """
+        source, target = self.handle(fh_in), self.handle(fh_out)
+        copy = functools.partial(
+            os.copy_file_range, source.fd, target.fd, offset_src=off_in, offset_dst=off_out
+        )
+        try:
+            return await self.grants.copy(target.node, off_out, length, copy)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EOPNOTSUPP):
+                raise fuse_error(exc.errno) from None
+            raise
+
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handle(fh)
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, handle.fd)

@@ -25,6 +25,17 @@ READ_AHEAD_KB = 1024
 GC_YOUNG = 20_000
 
 
+# Request handlers that pyfuse3 3.5 lacks and patches/pyfuse3-velocityfs.patch adds
+# (tests/test_fs_holes.py checks the two agree): without them the mount still runs,
+# with less, and says so.
+PATCHED_HANDLERS = ("fallocate", "lseek", "copy_file_range")
+
+
+def missing_handlers() -> list[str]:
+    """The patched handlers the installed pyfuse3 does not have."""
+    return [name for name in PATCHED_HANDLERS if not hasattr(pyfuse3.Operations, name)]
+
+
 def mount_options(*, allow_other: bool) -> set[str]:
     """The FUSE mount options; ``default_permissions`` always.
 
@@ -74,10 +85,13 @@ class MountSession:
             velocity, holder_id, offload, attr_timeout=attr_timeout, kernel=KernelCache()
         )
         tune_gc()
-        if not hasattr(pyfuse3.Operations, "fallocate"):
+        missing = missing_handlers()
+        if missing:
             log.warning(
-                "this pyfuse3 has no fallocate handler: fallocate(2) gets EOPNOTSUPP "
-                "(scripts/lib/bootstrap.sh installs a build that has one)"
+                "this pyfuse3 lacks the handlers %s: fallocate(2) gets EOPNOTSUPP, holes "
+                "read as data and copies go block by block "
+                "(scripts/lib/bootstrap.sh installs a build that has them)",
+                ", ".join(missing),
             )
         pyfuse3.init(
             self.fs.ops,
