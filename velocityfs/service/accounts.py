@@ -25,7 +25,7 @@ from velocityfs.errors import (
     InvalidValue,
     NotFound,
 )
-from velocityfs.service.chains import Chains
+from velocityfs.service.chains import Chains, Link, chain_path, room
 from velocityfs.service.names import check_name
 from velocityfs.service.pools import pool_view
 from velocityfs.service.views import ListedPool
@@ -299,21 +299,21 @@ class AccountService:
             pools = {pool.id: pool for pool in s.execute(select(Pool)).scalars()}
         listed = []
         for pool in pools.values():
-            chain = [pool]
+            chain = [pool]  # the pool, then its ancestors
             while chain[-1].parent_id is not None:
                 chain.append(pools[chain[-1].parent_id])
             permissions = set().union(*(shares.get(p.id, set()) for p in chain))
             if not permissions:
                 continue
-            quotas = [p for p in chain if p.quota_bytes is not None]
+            links = [Link(p.id, p.parent_id, p.name, p.quota_bytes, p.used_bytes) for p in chain]
+            links.reverse()
+            quota = next((p.quota_bytes for p in chain if p.quota_bytes is not None), 0)
             listed.append(
                 ListedPool(
                     pool=pool_view(pool),
-                    path="/".join(p.name for p in reversed(chain)),
-                    quota_bytes=(quotas[0].quota_bytes or 0) if quotas else 0,
-                    avail_bytes=min(
-                        (max(0, (p.quota_bytes or 0) - p.used_bytes) for p in quotas), default=0
-                    ),
+                    path=chain_path(links),
+                    quota_bytes=quota,
+                    avail_bytes=room(links),
                     permissions=sorted(permissions),
                 )
             )
