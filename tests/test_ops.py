@@ -34,6 +34,7 @@ from support.admin import (
     sha256_of,
     write_config,
 )
+from support.fs import sync_dir
 
 from velocityfs.catalog.models import Grant, Holder
 from velocityfs.service.accounts import PERMISSIONS
@@ -742,6 +743,7 @@ def test_the_mount_counts_requests_and_transactions_on_sigusr1_and_at_exit(catal
     for i in range(10):
         (pool / f"vm-{i}.img").write_bytes(b"x" * 4096)
     os.listdir(pool)
+    sync_dir(pool)  # the creates' batch commits now, not BATCH_S later
     os.kill(m.pid, signal.SIGUSR1)
     wait_for(lambda: len(counts_lines(m.log)) == 2, what="the second counts line")
     m.stop()
