@@ -32,6 +32,7 @@ from support.admin import (
     pattern,
     service,
     sha256_of,
+    velocityfs_argv,
     write_config,
 )
 from support.fs import sync_dir
@@ -257,6 +258,21 @@ def test_systemd_units_verify(tmp_path, bare_cli):
             assert argv[0] == INSTALLED and argv[1] == "--config", line
             res = bare_cli(*argv[3:], "--help", config=example, flags=False, check=False)
             assert res.code == 0, f"{unit.name}: {command}\n{res}"
+
+
+def test_both_units_run_init_before_they_start():
+    """As the README says: a unit creates or upgrades the catalog and store, with the
+    configuration it then runs on, before every start."""
+    for unit in sorted(SYSTEMD_DIR.glob("*.service")):
+        commands = [
+            (key, shlex.split(command))
+            for key, _, command in (line.partition("=") for line in unit.read_text().splitlines())
+            if key in ("ExecStartPre", "ExecStart")
+        ]
+        (start,) = [argv for key, argv in commands if key == "ExecStart"]
+        pre = [argv for key, argv in commands if key == "ExecStartPre"]
+        assert start[:3] + ["init"] in pre, unit.name
+        assert start[3] in ("mount", "serve"), unit.name
 
 
 # -- mount(8) and fstab ---------------------------------------------------------------------
@@ -647,6 +663,73 @@ def test_status(tmpfs, vcli, catalog_url, store_dir, mount):
     info = vcli("status", "--json").json()
     assert m.realpath not in info["mounts"]
     assert info["holders"] == []
+
+
+def test_status_shows_only_this_catalogs_mounts(vcli, catalog_url, store_dir, mount, tmp_path):
+    """Two catalogs mounted on one host: each one's status names its own mount only."""
+    other_catalog = f"sqlite:///{tmp_path}/other.sqlite"
+    other_store = tmp_path / "other-store"
+    other_store.mkdir()
+    vcli("init")
+    vcli("init", catalog=other_catalog, store=other_store)
+    mine = mount()
+    theirs = mount(catalog=other_catalog, store=other_store)
+    # the mount's source names its daemon, which the catalog knows as a holder
+    assert mount_entry(mine.path)[-2] == f"velocityfs:{mine.pid}"
+
+    assert vcli("status", "--json").json()["mounts"] == [mine.realpath]
+    other = vcli("status", "--json", catalog=other_catalog, store=other_store).json()
+    assert other["mounts"] == [theirs.realpath]
+    assert vcli("status").stdout.splitlines()[1] == f"mounts:  {mine.realpath}"
+
+    theirs.stop()
+    assert vcli("status", "--json").json()["mounts"] == [mine.realpath]
+    assert vcli("status", "--json", catalog=other_catalog, store=other_store).json()[
+        "mounts"
+    ] == []
+
+
+def test_a_second_mount_on_a_mounted_mountpoint_is_refused(
+    mount_helper, system_mounts, vcli, catalog_url, store_dir, mount, tmp_path
+):
+    vcli("init")
+    vcli("pool", "create", "tenants", "--quota-mib", "100")
+    m = mount()
+    data = pattern(2 * MIB)
+    (m / "tenants" / "disk.img").write_bytes(data)
+    refusal = (
+        f"velocityfs: error: {m.realpath} is already a velocityfs mount served by pid "
+        f"{m.pid}: unmount it first (umount {m.realpath})"
+    )
+
+    res = subprocess.run(
+        velocityfs_argv(catalog_url, str(store_dir), "mount", str(m.path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (res.returncode, res.stdout, res.stderr.splitlines()) == (1, "", [refusal])
+
+    config = write_config(tmp_path / "velocityfs.toml", catalog=catalog_url, store=str(store_dir))
+    system_mounts.append(m.path)  # should it stack after all, the teardown undoes it
+    res = subprocess.run(
+        ["mount", "-t", "fuse.velocityfs", str(config), str(m.path)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert res.returncode != 0
+    assert refusal in res.stderr.splitlines(), res.stderr
+
+    # the first mount goes on alone and unharmed
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        assert [line.split()[4] for line in f].count(m.realpath) == 1
+    assert (m / "tenants" / "disk.img").read_bytes() == data
+    (m / "tenants" / "more.img").write_bytes(data)
+    assert (m / "tenants" / "more.img").read_bytes() == data
+    assert [h["pid"] for h in vcli("status", "--json").json()["holders"]] == [m.pid]
 
 
 # -- the daemon's log -----------------------------------------------------------------------

@@ -1,5 +1,9 @@
-"""Allow ``python -m velocityfs`` (the test fixtures start the daemon this way)."""
+"""Allow ``python -m velocityfs`` (the test fixtures start the daemon this way).
+
+Named ``velocityfs`` as the installed command is: in usage lines, and for shell
+completion, whose variable (``_VELOCITYFS_COMPLETE``) click derives from the name.
+"""
 
 from velocityfs.cli.main import main
 
-main()
+main(prog_name="velocityfs")

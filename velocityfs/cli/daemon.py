@@ -8,6 +8,7 @@ import click
 from velocityfs.cli.context import Context, pass_ctx, service_errors
 from velocityfs.config import ALWAYS_CHECKED
 from velocityfs.errors import Conflict, InvalidValue
+from velocityfs.fs.mounts import mount_at
 from velocityfs.service.accounts import PERMISSIONS
 from velocityfs.service.pools import MIB
 
@@ -73,6 +74,7 @@ def mount(
     mountpoint = mountpoint or settings.mountpoint
     if not mountpoint:
         raise click.UsageError("no MOUNTPOINT given and none in the configuration")
+    refuse_stacking(mountpoint)
     setup_logging(log_level or settings.log_level)
     if default_permissions:
         logging.getLogger(__name__).warning(
@@ -88,6 +90,18 @@ def mount(
         upload_idle_s=settings.upload_idle_s,
         max_body_bytes=settings.api_max_body_bytes,
     )
+
+
+def refuse_stacking(mountpoint: str) -> None:
+    """A second daemon mounted over a live mount would hide the first, whose open files
+    (a running VM's disks) go on through it unseen: say so and mount nothing."""
+    mounted = mount_at(mountpoint)
+    if mounted is not None:
+        served = "" if mounted.pid is None else f" served by pid {mounted.pid}"
+        raise Conflict(
+            f"{mounted.mountpoint} is already a velocityfs mount{served}: "
+            f"unmount it first (umount {mounted.mountpoint})"
+        )
 
 
 @click.command()

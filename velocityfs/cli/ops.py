@@ -1,9 +1,9 @@
 """Operator commands: ``fsck`` and ``status``."""
 
 import json
+import socket
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import click
 from sqlalchemy import text
@@ -11,29 +11,42 @@ from sqlalchemy import text
 from velocityfs.cli.context import Context, pass_ctx, service_errors
 from velocityfs.cli.output import emit_json, emit_table, mib
 from velocityfs.cli.storage import emit_volumes
+from velocityfs.fs.mounts import velocityfs_mounts
 from velocityfs.service.fsck import Fsck, Problem
 
 
 @click.command()
 @click.option("--repair", is_flag=True, help="Repair what can be repaired.")
+@click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @service_errors
-def fsck(ctx: Context, repair: bool) -> None:
+def fsck(ctx: Context, repair: bool, as_json: bool) -> None:
     """Compare catalog and backing files; one line per problem.
 
     Exits non-zero while problems remain (with --repair: those it could not repair).
     """
     checker = Fsck(ctx.velocity())
-    remaining = repaired = 0
     with click.progressbar(
         length=checker.media_count(), label="checking media", file=sys.stderr
     ) as bar:
         problems = list(_walk(checker, bar.update, repair))
-    for problem, fixed in problems:
-        click.echo(f"{'REPAIRED' if fixed else 'PROBLEM'} {problem}")
-        repaired += fixed
-        remaining += not fixed
-    click.echo(f"{repaired} repaired, {remaining} remaining")
+    repaired = sum(fixed for _, fixed in problems)
+    remaining = len(problems) - repaired
+    if as_json:
+        emit_json(
+            {
+                "problems": [
+                    {"kind": p.kind, "message": p.message, "repaired": fixed}
+                    for p, fixed in problems
+                ],
+                "repaired": repaired,
+                "remaining": remaining,
+            }
+        )
+    else:
+        for problem, fixed in problems:
+            click.echo(f"{'REPAIRED' if fixed else 'PROBLEM'} {problem}")
+        click.echo(f"{repaired} repaired, {remaining} remaining")
     if remaining:
         raise SystemExit(1)
 
@@ -50,13 +63,11 @@ def _walk(
             yield problem, False
 
 
-def velocityfs_mounts() -> list[str]:
-    mounts = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        if right.split(" ", 1)[0] == "fuse.velocityfs":
-            mounts.append(left.split(" ")[4])
-    return mounts
+def catalog_mounts(holders: list[dict[str, object]]) -> list[str]:
+    """This host's mounts of this catalog: those whose daemon is one of its holders here
+    (another catalog's mounts on the host are that catalog's business)."""
+    here = {h["pid"] for h in holders if h["host"] == socket.gethostname()}
+    return [m.mountpoint for m in velocityfs_mounts() if m.pid in here]
 
 
 @click.command()
@@ -64,14 +75,15 @@ def velocityfs_mounts() -> list[str]:
 @pass_ctx
 @service_errors
 def status(ctx: Context, as_json: bool) -> None:
-    """Mounts, catalog, volumes with free space, and the pool tree with usage and quota."""
+    """This catalog's mounts on this host, its processes, volumes with free space, and the
+    pool tree with usage and quota."""
     v = ctx.velocity()
     with v.db.engine.connect() as conn:
         revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
     holders = v.ledger.holders()
     volumes = v.volumes.all()
     tree = v.tree()
-    mounts = velocityfs_mounts()
+    mounts = catalog_mounts(holders)
     url = v.db.engine.url.render_as_string()
     info = {
         "mounts": mounts,

@@ -13,6 +13,7 @@ import trio
 
 from velocityfs.fs.filesystem import Filesystem
 from velocityfs.fs.mirror import KernelCache, Mirror
+from velocityfs.fs.mounts import fsname
 from velocityfs.service.velocity import Velocity
 from velocityfs.threads import Offload
 
@@ -41,9 +42,10 @@ def mount_options(*, allow_other: bool) -> set[str]:
 
     The daemon checks no mode, owner or group itself: with ``allow_other`` and
     without the kernel's check, every local user could read, write and delete
-    every VM disk on the mount.
+    every VM disk on the mount. The source names this process (``fs.mounts``), so
+    ``velocityfs status`` can tell one catalog's mounts from another's.
     """
-    options = {"fsname=velocityfs", "subtype=velocityfs", "default_permissions"}
+    options = {f"fsname={fsname(os.getpid())}", "subtype=velocityfs", "default_permissions"}
     if allow_other:
         options.add("allow_other")
     return options
