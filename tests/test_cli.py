@@ -9,8 +9,11 @@ process). Runs on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from velocityfs.cli.main import main as velocityfs_main
 from velocityfs.errors import AuthenticationFailed
 from velocityfs.service.accounts import PERMISSIONS
 from velocityfs.service.velocity import Velocity
@@ -266,3 +270,44 @@ def test_users_groups_members_and_shares(cli: Cli, v: Velocity) -> None:
             (["member", "add", "ops", "bob"], None, "no group"),
         ],
     )
+
+
+def test_shell_completion_with_the_readmes_line(tmp_path: Path) -> None:
+    """``eval "$(_VELOCITYFS_COMPLETE=bash_source velocityfs)"`` in bash: click's script,
+    which completes commands and subcommands (asking velocityfs, which needs no catalog)."""
+    script = subprocess.run(
+        [sys.executable, "-m", "velocityfs"],
+        env={**os.environ, "_VELOCITYFS_COMPLETE": "bash_source"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "complete -o nosort -F _velocityfs_completion velocityfs" in script
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    command = bin_dir / "velocityfs"  # as installed: velocityfs on the PATH
+    command.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m velocityfs "$@"\n')
+    command.chmod(0o755)
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(shlex.quote(w) for w in ("velocityfs", *words))
+        probe = (
+            'eval "$(_VELOCITYFS_COMPLETE=bash_source velocityfs)"\n'
+            f"COMP_WORDS=({line})\nCOMP_CWORD={len(words)}\n"
+            "_velocityfs_completion velocityfs\n"
+            'printf "%s\\n" "${COMPREPLY[@]}"\n'
+        )
+        res = subprocess.run(
+            ["bash", "-c", probe],
+            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return res.stdout.split()
+
+    assert sorted(complete("")) == sorted(velocityfs_main.commands)
+    assert sorted(complete("pool", "")) == ["create", "list", "rm", "set-quota", "show"]
+    assert complete("volume", "l") == ["list"]

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import httpx
 import pytest
 from sqlalchemy import select, text
@@ -38,6 +39,7 @@ from support.admin import (
 from support.fs import sync_dir
 
 from velocityfs.catalog.models import Grant, Holder
+from velocityfs.cli.main import main as velocityfs_main
 from velocityfs.service.accounts import PERMISSIONS
 from velocityfs.service.views import Creator
 from velocityfs.store.spares import spare_dirs
@@ -684,9 +686,7 @@ def test_status_shows_only_this_catalogs_mounts(vcli, catalog_url, store_dir, mo
 
     theirs.stop()
     assert vcli("status", "--json").json()["mounts"] == [mine.realpath]
-    assert vcli("status", "--json", catalog=other_catalog, store=other_store).json()[
-        "mounts"
-    ] == []
+    assert vcli("status", "--json", catalog=other_catalog, store=other_store).json()["mounts"] == []
 
 
 def test_a_second_mount_on_a_mounted_mountpoint_is_refused(
@@ -730,6 +730,138 @@ def test_a_second_mount_on_a_mounted_mountpoint_is_refused(
     (m / "tenants" / "more.img").write_bytes(data)
     assert (m / "tenants" / "more.img").read_bytes() == data
     assert [h["pid"] for h in vcli("status", "--json").json()["holders"]] == [m.pid]
+
+
+# -- --json on every listing command -----------------------------------------------------
+
+
+def listing_commands() -> set[tuple[str, ...]]:
+    """Every command that lists: each ``list``, and ``status`` and ``fsck``."""
+    found = {("status",), ("fsck",)}
+
+    def walk(group: click.Group, path: tuple[str, ...]) -> None:
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                walk(command, (*path, name))
+            elif name == "list":
+                found.add((*path, name))
+
+    walk(velocityfs_main, ())
+    return found
+
+
+def rows(table: str) -> list[list[str]]:
+    """A table's rows (its header left out), split into cells."""
+    return [line.split() for line in table.splitlines()[1:]]
+
+
+def in_mib(nbytes: int | None) -> str:
+    return "inherit" if nbytes is None else f"{nbytes / MIB:.2f}"
+
+
+def test_every_listing_command_has_json_matching_its_table(
+    tmpfs, vcli, catalog_url, store_dir, mount
+):
+    vcli("init")
+    vcli("pool", "create", "tenants", "--quota-mib", "100")
+    vcli("pool", "create", "tenants/acme")
+    vcli("pool", "create", "isos", "--quota-mib", "20")
+    vcli("user", "add", "alice", "--password", "secret")
+    vcli("group", "add", "ops")
+    vcli("member", "add", "ops", "alice")
+    tmpfs(store_dir / "vol" / "fast", "32m")
+    vcli("volume", "add", "fast")
+    m = mount()
+    (m / "tenants" / "acme" / "disk.img").write_bytes(pattern(3 * MIB))
+    (m / "tenants" / "acme" / "seed.img").write_bytes(pattern(MIB))
+    (m / "isos" / "a.iso").write_bytes(pattern(MIB))
+    wait_for(lambda: no_grants(catalog_url, store_dir), what="the writer's grants to go")
+
+    def both(*args: str) -> tuple[str, object]:
+        plain = vcli(*args, check=False)
+        data = vcli(*args, "--json", check=False)
+        assert plain.code == data.code, f"{plain}\n{data}"
+        return plain.stdout, data.json()
+
+    checked = set()
+
+    out, pools = both("pool", "list")
+    assert rows(out) == [
+        [p["path"].rsplit("/")[-1], in_mib(p["used_bytes"]), in_mib(p["quota_bytes"]), p["pid"]]
+        for p in pools
+    ]
+    assert [p["path"] for p in pools] == ["isos", "tenants", "tenants/acme"]
+    checked.add(("pool", "list"))
+
+    out, users = both("user", "list")
+    assert rows(out) == [[u["name"], u["uid"]] for u in users]
+    assert [u["name"] for u in users] == ["alice"]
+    checked.add(("user", "list"))
+
+    out, groups = both("group", "list")
+    assert rows(out) == [
+        [g["name"], g["gid"], *([",".join(g["members"])] if g["members"] else [])] for g in groups
+    ]
+    assert {g["name"]: g["members"] for g in groups} == {"ops": ["alice"], "root": []}
+    checked.add(("group", "list"))
+
+    out, volumes = both("volume", "list")
+    # the store's own disk is shared, its free space moves between the two calls; fast's
+    # is a tmpfs of its own
+    table = {r[0]: r for r in rows(out)}
+    assert [r[0] for r in rows(out)] == [v["name"] for v in volumes] == ["DEFAULT", "fast"]
+    for v in volumes:
+        row = table[v["name"]]
+        assert row[:4] + row[5:] == [
+            v["name"],
+            "online" if v["online"] else "offline",
+            str(v["media"]),
+            in_mib(v["used_bytes"]),
+            v["path"],
+        ]
+        assert abs(float(row[4]) * MIB - v["free_bytes"]) < 64 * MIB
+    assert table["fast"][4] == in_mib(volumes[1]["free_bytes"])
+    checked.add(("volume", "list"))
+
+    out, media = both("media", "list", "tenants/acme")
+    assert rows(out) == [[d["name"], in_mib(d["size_bytes"]), d["volume"], d["mid"]] for d in media]
+    assert sorted(d["name"] for d in media) == ["disk.img", "seed.img"]
+    checked.add(("media", "list"))
+
+    out, status = both("status")
+    lines = out.splitlines()
+    revision = status["catalog"]["revision"]
+    assert lines[0] == f"catalog: {status['catalog']['url']} (schema {revision})"
+    assert lines[1] == f"mounts:  {', '.join(status['mounts'])}" and status["mounts"]
+    holders = [
+        f"process: {h['host']} pid {h['pid']} ({h['grants']} grants)" for h in status["holders"]
+    ]
+    assert lines[2 : 2 + len(holders)] == holders and holders
+    volume_table, pool_table = "\n".join(lines[3 + len(holders) :]).split("\n\n")
+    assert [r[0] for r in rows(volume_table)] == [v["name"] for v in status["volumes"]]
+    assert rows(pool_table) == [
+        [
+            p["path"].rsplit("/")[-1],
+            in_mib(p["used_bytes"]),
+            in_mib(p["quota_bytes"]),
+            f"{100 * p['used_bytes'] / p['quota_bytes']:.0f}%" if p["quota_bytes"] else "-",
+        ]
+        for p in status["pools"]
+    ]
+    checked.add(("status",))
+
+    m.stop()
+    (lost,) = [d for d in media if d["name"] == "seed.img"]
+    Path(lost["backing_path"]).unlink()
+    out, fsck = both("fsck")
+    assert out.splitlines() == [
+        f"PROBLEM {p['kind']}: {p['message']}" for p in fsck["problems"]
+    ] + [f"0 repaired, {fsck['remaining']} remaining"]
+    assert fsck["remaining"] == len(fsck["problems"]) >= 1
+    assert any(lost["mid"] in p["message"] for p in fsck["problems"])
+    checked.add(("fsck",))
+
+    assert checked == listing_commands()
 
 
 # -- the daemon's log -----------------------------------------------------------------------
