@@ -16,6 +16,9 @@ VELOCITYFS_DEB_PACKAGES=(
     mount
     patch
 )
+# Without their recommends, which bring qemu-system (hundreds of MB): libvirt's daemon and
+# virsh, for tests/test_libvirt.py (11 MB to fetch, 18 MB installed, 15 s here).
+VELOCITYFS_DEB_LEAN_PACKAGES=(libvirt-daemon-system libvirt-clients)
 
 _vfs_log() { echo "bootstrap: $*" >&2; }
 _vfs_die() { echo "bootstrap: ERROR: $*" >&2; return 1; }
@@ -31,18 +34,31 @@ _vfs_as_root() {
 
 # Install the Debian packages the daemon and tests need, but only the missing ones,
 # so that the common case (everything present) never touches the network.
-_vfs_ensure_debs() {
-    local pkg missing=()
-    for pkg in "${VELOCITYFS_DEB_PACKAGES[@]}"; do
+_vfs_not_installed() {
+    local pkg
+    for pkg in "$@"; do
         if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
-            missing+=("$pkg")
+            echo "$pkg"
         fi
     done
-    [[ ${#missing[@]} -eq 0 ]] && return 0
-    _vfs_log "installing missing Debian packages: ${missing[*]}"
+}
+
+_vfs_ensure_debs() {
+    local missing lean
+    mapfile -t missing < <(_vfs_not_installed "${VELOCITYFS_DEB_PACKAGES[@]}")
+    mapfile -t lean < <(_vfs_not_installed "${VELOCITYFS_DEB_LEAN_PACKAGES[@]}")
+    [[ ${#missing[@]} -eq 0 && ${#lean[@]} -eq 0 ]] && return 0
+    _vfs_log "installing missing Debian packages: ${missing[*]} ${lean[*]}"
     _vfs_as_root apt-get update || _vfs_die "apt-get update failed" || return 1
-    _vfs_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}" \
-        || _vfs_die "apt-get install ${missing[*]} failed" || return 1
+    if [[ ${#missing[@]} -gt 0 ]]; then
+        _vfs_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}" \
+            || _vfs_die "apt-get install ${missing[*]} failed" || return 1
+    fi
+    if [[ ${#lean[@]} -gt 0 ]]; then
+        _vfs_as_root env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y --no-install-recommends "${lean[@]}" \
+            || _vfs_die "apt-get install ${lean[*]} failed" || return 1
+    fi
 }
 
 VENV_STAMP="$TOP/.venv/.velocityfs-installed"
