@@ -690,7 +690,7 @@ def test_status_shows_only_this_catalogs_mounts(vcli, catalog_url, store_dir, mo
 
 
 def test_a_second_mount_on_a_mounted_mountpoint_is_refused(
-    mount_helper, system_mounts, vcli, catalog_url, store_dir, mount, tmp_path
+    system_mounts, vcli, catalog_url, store_dir, mount, tmp_path
 ):
     vcli("init")
     vcli("pool", "create", "tenants", "--quota-mib", "100")
@@ -711,10 +711,12 @@ def test_a_second_mount_on_a_mounted_mountpoint_is_refused(
     )
     assert (res.returncode, res.stdout, res.stderr.splitlines()) == (1, "", [refusal])
 
+    # What mount -t fuse.velocityfs runs (its wiring is test_mount_t_fuse_velocityfs_and_fstab's),
+    # here without the /sbin link, which every checkout on the host shares.
     config = write_config(tmp_path / "velocityfs.toml", catalog=catalog_url, store=str(store_dir))
     system_mounts.append(m.path)  # should it stack after all, the teardown undoes it
     res = subprocess.run(
-        ["mount", "-t", "fuse.velocityfs", str(config), str(m.path)],
+        [sys.executable, "-m", "velocityfs.cli.mount_helper", str(config), str(m.path)],
         capture_output=True,
         text=True,
         timeout=90,
@@ -722,6 +724,7 @@ def test_a_second_mount_on_a_mounted_mountpoint_is_refused(
     )
     assert res.returncode != 0
     assert refusal in res.stderr.splitlines(), res.stderr
+    assert "mount.fuse.velocityfs: the daemon exited (1)" in res.stderr.splitlines()
 
     # the first mount goes on alone and unharmed
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
