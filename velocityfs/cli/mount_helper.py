@@ -3,7 +3,9 @@
 mount(8) calls ``/sbin/mount.fuse.velocityfs CONFIG MNT -o OPTIONS`` and waits
 for it to return, so the helper starts the daemon detached, waits until the
 mount answers (or the daemon dies), and returns. ``umount MNT`` ends the
-daemon cleanly: the kernel closes its session.
+daemon cleanly: the kernel closes its session. A daemon that refuses (a
+mountpoint that already holds a velocityfs mount, a catalog not initialised)
+exits at once, and its error line is passed on with a non-zero status.
 
 Of the options only ``allow_other`` reaches the daemon. ``default_permissions``
 is always on (the kernel checks modes and owners on every mount), so an fstab

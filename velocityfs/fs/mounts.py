@@ -6,7 +6,7 @@ pid (the holders), so the mounts of one catalog are those whose daemon is
 one of its holders on this host: however its URL is spelt, and without
 asking the mounts themselves (a stalled one would hang the asker).
 
-The table is read, never the mounts: a stat() of a stalled mount hangs.
+Listing them reads the table, never a mount: a stat() of a stalled mount hangs.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def velocityfs_mounts() -> list[MountEntry]:
 
 
 def mount_at(path: str) -> MountEntry | None:
-    """The velocityfs mount on ``path`` (resolved), if there is one."""
+    """The velocityfs mount on ``path``, if there is one. Resolving ``path`` stats it
+    (``velocityfs mount`` has checked that it exists already)."""
     target = os.path.realpath(path)
     return next((m for m in velocityfs_mounts() if m.mountpoint == target), None)
