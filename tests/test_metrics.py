@@ -140,8 +140,10 @@ def check_series_move_on_write(m: Any, port: int) -> None:
 
     after = wait_for(
         port,
-        lambda s: value(s, "velocityfs_pool_used_bytes", pool="tenants/acme") == 3 * MIB
-        and value(s, "velocityfs_volume_used_bytes", volume="DEFAULT") == volume_bytes + 3 * MIB,
+        lambda s: (
+            value(s, "velocityfs_pool_used_bytes", pool="tenants/acme") == 3 * MIB
+            and value(s, "velocityfs_volume_used_bytes", volume="DEFAULT") == volume_bytes + 3 * MIB
+        ),
     )
     assert value(after, "velocityfs_pool_used_bytes", pool="tenants") == 3 * MIB
     assert value(after, "velocityfs_pool_media", pool="tenants/acme") == 1
@@ -205,9 +207,7 @@ def dashboard_metric_names() -> set[str]:
     """Every metric name in the dashboard's queries (panels and variables)."""
     dashboard = json.loads(DASHBOARD.read_text())
     queries = [
-        target["expr"]
-        for panel in dashboard["panels"]
-        for target in panel.get("targets", [])
+        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
     ]
     queries += [variable["definition"] for variable in dashboard["templating"]["list"]
                 if variable["type"] == "query"]  # fmt: skip

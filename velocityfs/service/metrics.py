@@ -75,8 +75,9 @@ class Metrics:
             buckets=API_BUCKETS,
             registry=self.registry,
         )
-        # Children by label, so a kernel request pays no label lookup.
+        # Children by label, so a kernel request or a transaction pays no label lookup.
         self._fuse_ops: dict[str, Histogram] = {}
+        self._catalog_kinds: dict[str, Histogram] = {}
         self.uploads_in_flight = 0
 
     def fuse_request(self, op: str, seconds: float) -> None:
@@ -90,7 +91,10 @@ class Metrics:
 
     def catalog_commit(self, kind: str, seconds: float, units: int) -> None:
         """A catalog transaction committed; a batch's ``units`` are its units of work."""
-        self._catalog.labels(kind).observe(seconds)
+        child = self._catalog_kinds.get(kind)
+        if child is None:
+            child = self._catalog_kinds[kind] = self._catalog.labels(kind)
+        child.observe(seconds)
         if kind == "batch":
             self._batch_units.observe(units)
 
