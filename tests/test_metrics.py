@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.api import free_port, wait_port
+from support.api import free_port, standalone_fixture, wait_port  # noqa: F401
 
 from velocityfs.config import problems_of
 
@@ -180,6 +180,30 @@ def test_metrics_listen_serves_them_without_the_api(catalog, mount, tmp_path):
     response = httpx.post(f"http://127.0.0.1:{port}/metrics", timeout=10)
     assert response.status_code == 405
     assert "error" in response.json()
+
+
+def test_velocityfs_serve_shows_what_a_mount_writes(catalog, mount, standalone):
+    """The API's own process serves the metrics too, and its pool gauges follow the
+    catalog, whoever writes: here a mount in another process."""
+    make_pools(catalog)
+    server = standalone()
+    m = mount()
+    write_file(m / "tenants" / "acme" / "disk.img", 2 * MIB)
+    samples = wait_for(
+        server.port,
+        lambda s: value(s, "velocityfs_pool_used_bytes", pool="tenants/acme") == 2 * MIB,
+    )
+    assert value(samples, "velocityfs_pool_media", pool="tenants/acme") == 1
+    assert value(samples, "velocityfs_lease_age_seconds") is not None
+    assert total(samples, "velocityfs_fuse_request_seconds_count") == 0  # no mount in it
+    # OpenMetrics for a scraper that asks for it.
+    response = httpx.get(
+        f"http://127.0.0.1:{server.port}/metrics",
+        headers={"accept": "application/openmetrics-text; version=1.0.0"},
+        timeout=10,
+    )
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.text.endswith("# EOF\n")
 
 
 def test_metrics_false_takes_metrics_off_the_api(catalog, mount, tmp_path):
