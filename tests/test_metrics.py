@@ -156,6 +156,15 @@ def check_series_move_on_write(m: Any, port: int) -> None:
     assert total(after, "velocityfs_fuse_request_seconds_bucket", op="write", le="+Inf") > writes
     assert total(after, "velocityfs_catalog_transaction_seconds_count") > transactions
 
+    # And back when it is removed (the change feed's tombstones).
+    (m / "tenants" / "acme" / "disk.img").unlink()
+    gone = wait_for(
+        port, lambda s: value(s, "velocityfs_volume_media", volume="DEFAULT") == on_volume
+    )
+    assert value(gone, "velocityfs_volume_used_bytes", volume="DEFAULT") == volume_bytes
+    assert value(gone, "velocityfs_pool_used_bytes", pool="tenants/acme") == 0
+    assert value(gone, "velocityfs_pool_media", pool="tenants/acme") == 0
+
 
 def test_series_move_when_a_file_is_written(catalog, mount, tmp_path):
     make_pools(catalog)
