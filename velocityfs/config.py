@@ -61,6 +61,9 @@ catalog_timeout_s = 10.0             # how long a request waits for an unreachab
 upload_idle_s = 60.0                 # an API upload whose body stops arriving this long
                                      # is aborted (408) and gives its room back
 allow_other = true                   # let the hypervisor's user open media
+metrics = true                       # Prometheus metrics at /metrics on the API's address;
+                                     # no authkey needed: firewall it like the API
+# metrics_listen = "127.0.0.1:9108"  # also serve /metrics here (a mount without the API)
 log_level = "INFO"
 volume_policy = \"\"\"
 {DEFAULT_POLICY}
@@ -92,6 +95,8 @@ class Settings:
     catalog_timeout_s: float = 10.0
     upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S
     allow_other: bool = False
+    metrics: bool = True
+    metrics_listen: str | None = None
     log_level: str = "INFO"
     volume_policy: str = DEFAULT_POLICY
 
@@ -112,6 +117,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "catalog_timeout_s": (int, float),
     "upload_idle_s": (int, float),
     "allow_other": (bool,),
+    "metrics": (bool,),
+    "metrics_listen": (str,),
     "log_level": (str,),
     "volume_policy": (str,),
 }
@@ -156,11 +163,13 @@ def problems_of(values: Mapping[str, object], *, policy: bool = True) -> list[st
                 found.append(f"'catalog' must be a sqlite or postgresql URL, not {url.drivername}")
         except ArgumentError:
             found.append(f"'catalog' is not a database URL: {catalog!r}")
+    for key in ("api_listen", "metrics_listen"):
+        listen = typed.get(key)
+        if isinstance(listen, str) and (key == "metrics_listen" or listen):
+            host, _, port = listen.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                found.append(f"'{key}' must be HOST:PORT, not {listen!r}")
     api_listen = typed.get("api_listen")
-    if isinstance(api_listen, str) and api_listen:
-        host, _, port = api_listen.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            found.append(f"'api_listen' must be HOST:PORT, not {api_listen!r}")
     if typed.get("api_in_mount") is True and not api_listen:
         found.append("'api_in_mount' needs 'api_listen', the address to serve the API on")
     body = typed.get("api_max_body_bytes")

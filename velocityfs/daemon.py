@@ -7,7 +7,10 @@ Both kinds of process live the same life, and it is written once, here:
    (a mount as a writer whose creates are batched and journaled);
 3. run every catalog call through one ``Offload`` (one catalog thread on
    SQLite), and checkpoint SQLite's log in the background;
-4. serve: the kernel mount (``fs.session``) and/or the API (``api.server``);
+4. serve: the kernel mount (``fs.session``) and/or the API (``api.server``),
+   and the metrics (``service.metrics``: at ``/metrics`` on the API, or on an
+   address of their own, ``metrics_listen``), whose pool and volume gauges
+   come from ``service.usage``, kept current here every ``REFRESH_S``;
 5. end on SIGINT or SIGTERM (``systemctl stop``), telling systemd both ways;
    on SIGUSR1, and at the end, print what it has cost (``_report``);
 6. on the way out, whatever happened: commit the last batch, retire the
@@ -31,10 +34,12 @@ import trio
 
 from velocityfs.api import DEFAULT_MAX_BODY_BYTES
 from velocityfs.api.app import Mirror
-from velocityfs.api.server import CannotListen, serve_api, unwrap_listen_error
+from velocityfs.api.server import CannotListen, serve_api, serve_metrics, unwrap_listen_error
 from velocityfs.fs.session import MountSession
 from velocityfs.notify import sd_notify
 from velocityfs.service.access import DEFAULT_UPLOAD_IDLE_S
+from velocityfs.service.metrics import HolderCollector, Metrics, UsageCollector
+from velocityfs.service.usage import REFRESH_S, Usage
 from velocityfs.service.velocity import Velocity
 from velocityfs.threads import Offload, checkpoints, threads_for
 
@@ -71,6 +76,11 @@ class Role(Protocol):
         """Kernel requests served so far, by kind (none for the API alone)."""
         ...
 
+    def grants_held(self) -> int:
+        """Grants held for the mount's media (none for the API alone: its uploads'
+        grants are the metrics' uploads in flight)."""
+        ...
+
 
 class _ApiAlone:
     """``velocityfs serve``: the API alone, holding grants only while uploads run."""
@@ -105,6 +115,9 @@ class _ApiAlone:
     def requests(self) -> dict[str, int]:
         return {}
 
+    def grants_held(self) -> int:
+        return 0
+
     async def _keep_lease(self) -> None:
         """Renew the lease on upload grants, so no other process reclaims them as dead;
         once it has expired (the process stalled or was cut off), register again: the
@@ -129,10 +142,13 @@ def run_mount(
     catalog_timeout_s: float = 10.0,
     upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics_on_api: bool = True,
+    metrics_listen: str | None = None,
 ) -> None:
     """Mount and serve until unmounted or signalled; grants are settled on the way out."""
     holder_id = _register(velocity, writer=True)
     offload = Offload(threads_for(velocity.db.is_sqlite), catalog_timeout_s)
+    metrics = _metrics_of(velocity)
     session: MountSession | None = None
     try:
         session = MountSession(
@@ -142,9 +158,20 @@ def run_mount(
             mountpoint,
             allow_other=allow_other,
             attr_timeout=attr_timeout,
+            metrics=metrics,
         )
         try:
-            _serve(velocity, offload, session, api_bind, upload_idle_s, max_body_bytes)
+            _serve(
+                velocity,
+                offload,
+                session,
+                metrics,
+                api_bind,
+                upload_idle_s,
+                max_body_bytes,
+                metrics_on_api=metrics_on_api,
+                metrics_listen=metrics_listen,
+            )
         finally:
             session.close()
     finally:
@@ -158,13 +185,25 @@ def run_serve(
     catalog_timeout_s: float = 10.0,
     upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics_on_api: bool = True,
+    metrics_listen: str | None = None,
 ) -> None:
     """``velocityfs serve``: the API alone against the catalog until signalled."""
     holder_id = _register(velocity, writer=False)
     offload = Offload(threads_for(velocity.db.is_sqlite), catalog_timeout_s)
     try:
         role = _ApiAlone(velocity, offload, holder_id, bind)
-        _serve(velocity, offload, role, bind, upload_idle_s, max_body_bytes)
+        _serve(
+            velocity,
+            offload,
+            role,
+            _metrics_of(velocity),
+            bind,
+            upload_idle_s,
+            max_body_bytes,
+            metrics_on_api=metrics_on_api,
+            metrics_listen=metrics_listen,
+        )
     finally:
         _retire(velocity, holder_id, "stopped")
 
@@ -181,15 +220,28 @@ def _register(velocity: Velocity, *, writer: bool) -> str:
     return velocity.register_writer() if writer else velocity.ledger.register_holder()
 
 
+def _metrics_of(velocity: Velocity) -> Metrics:
+    """The process's metrics, told of every catalog transaction from now on."""
+    metrics = Metrics()
+    velocity.db.observe = metrics.catalog_commit
+    return metrics
+
+
 def _serve(
     velocity: Velocity,
     offload: Offload,
     role: Role,
+    metrics: Metrics,
     api_bind: str | None,
     upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    *,
+    metrics_on_api: bool = True,
+    metrics_listen: str | None = None,
 ) -> None:
-    """Steps 3 to 5, in one trio loop; a failed bind of the API is one plain error."""
+    """Steps 3 to 5, in one trio loop; a failed bind of the API (or the metrics) is
+    one plain error."""
+    scraped = (metrics_on_api and api_bind is not None) or metrics_listen is not None
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -197,6 +249,18 @@ def _serve(
             nursery.start_soon(_report_on_request, velocity, role)
             nursery.start_soon(checkpoints, velocity.db)
             role.start(nursery)
+            if scraped:
+                usage = Usage(velocity.changes, velocity.volumes)
+                usage.apply(await offload(usage.read))
+                metrics.add(UsageCollector(usage, velocity.volumes))
+                metrics.add(
+                    HolderCollector(
+                        metrics, velocity.ledger, lambda: role.holder_id, role.grants_held
+                    )
+                )
+                nursery.start_soon(_keep_usage, usage, offload)
+            if metrics_listen is not None:
+                await nursery.start(functools.partial(serve_metrics, metrics, metrics_listen))
             if api_bind is not None:
                 await nursery.start(
                     functools.partial(
@@ -208,6 +272,8 @@ def _serve(
                         mirror=role.mirror,
                         upload_idle_s=upload_idle_s,
                         max_body_bytes=max_body_bytes,
+                        metrics=metrics,
+                        serve_metrics=metrics_on_api,
                     )
                 )
             nursery.start_soon(_announce, role)
@@ -223,6 +289,17 @@ def _serve(
         raise listen_error from None
     finally:
         _report(velocity, role)
+
+
+async def _keep_usage(usage: Usage, offload: Offload) -> None:
+    """Keep the pool and volume gauges current: the catalog's changes every REFRESH_S,
+    read on a catalog thread and applied here, on the loop that serves the scrapes."""
+    while True:
+        await trio.sleep(REFRESH_S)
+        try:
+            usage.apply(await offload(usage.read))
+        except Exception as exc:  # the catalog may be away; the gauges wait for it
+            log.warning("reading the usage for the metrics failed: %s", exc)
 
 
 async def _watch_signals(stop: Callable[[], None]) -> None:

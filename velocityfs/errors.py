@@ -30,7 +30,12 @@ class InvalidValue(VelocityError):
 
 
 class QuotaExceeded(VelocityError):
-    """Usage would pass the quota of the pool or of an ancestor."""
+    """Usage would pass the quota of the pool or of an ancestor; ``pool`` is the path of
+    the pool that is full, when known (the metrics count refusals by it)."""
+
+    def __init__(self, message: str, pool: str | None = None) -> None:
+        super().__init__(message)
+        self.pool = pool
 
 
 class QuotaAboveAncestor(VelocityError):

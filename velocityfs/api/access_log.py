@@ -1,4 +1,5 @@
-"""One log line per request, with no authkey in it, and early answers ended cleanly."""
+"""One log line per request, with no authkey in it, and early answers ended cleanly;
+each request is also counted in the process's metrics."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 from typing import Any
 
 import trio
+
+from velocityfs.service.metrics import Metrics
 
 log = logging.getLogger("velocityfs.api")
 
@@ -24,7 +27,7 @@ def route_of(scope: Any) -> str:
 
 class AccessLog:
     """One log line per request: method, route template (never the path, which may carry
-    an authkey), status and time.
+    an authkey), status and time; the same go to ``metrics``.
 
     It also ends an early answer (a 403/409/413 given before the request body
     was read) properly: the answer's bytes go out at once, then the rest of the
@@ -40,8 +43,9 @@ class AccessLog:
     # A client that stops sending its body for this long gets its connection closed.
     DRAIN_IDLE_S = 10.0
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -82,10 +86,7 @@ class AccessLog:
         try:
             await self.app(scope, tracked_receive, send_and_note)
         finally:
-            log.info(
-                "%s %s %d %.1fms",
-                scope["method"],
-                route_of(scope),
-                state["status"],
-                (time.monotonic() - started) * 1000,
-            )
+            seconds = time.monotonic() - started
+            route = route_of(scope)
+            log.info("%s %s %d %.1fms", scope["method"], route, state["status"], seconds * 1000)
+            self.metrics.api_request(scope["method"], route, int(state["status"]), seconds)

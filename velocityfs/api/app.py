@@ -37,6 +37,7 @@ from velocityfs.api.body import (
 )
 from velocityfs.api.openapi import OPENAPI
 from velocityfs.service.access import DEFAULT_UPLOAD_IDLE_S, Access, Upload
+from velocityfs.service.metrics import Metrics
 from velocityfs.service.pools import MIB
 from velocityfs.service.views import MediaView, PoolView
 from velocityfs.threads import CatalogUnavailable, Offload
@@ -115,8 +116,10 @@ class Shim:
         mirror: Mirror | None,
         upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        metrics: Metrics | None = None,
     ) -> None:
         self.access = access
+        self.metrics = metrics or Metrics()
         self.offload = offload
         # The process's holder as it is now: one whose lease expired registers again.
         self.holder_id = holder_id
@@ -264,6 +267,7 @@ class Shim:
         upload: Upload = await self.call(
             self.access.begin_upload, authkey, pid, name, self.holder_id(), declared
         )
+        self.metrics.upload_started()
         try:
             fd = await self.call(upload.open)
             try:
@@ -291,6 +295,8 @@ class Shim:
             with trio.CancelScope(shield=True):
                 await self.call(upload.abort)
             raise
+        finally:
+            self.metrics.upload_ended()
         if self.mirror is not None:
             await self.mirror.media_added(view)
         return JSONResponse({"pid": pid, "filename": view.name, "mid": view.id})
@@ -350,6 +356,17 @@ class Shim:
         return JSONResponse(OPENAPI)
 
 
+def metrics_endpoint(metrics: Metrics) -> Endpoint:
+    """``GET /metrics``: Prometheus's scrape, with no authkey (firewall it like the API).
+    Outside the OpenAPI document: it is for Prometheus, not for API clients."""
+
+    async def scrape(request: Request) -> Response:
+        body, content_type = metrics.exposition(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
+    return scrape
+
+
 def create_app(
     access: Access,
     offload: Offload,
@@ -358,8 +375,12 @@ def create_app(
     *,
     upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics: Metrics | None = None,
+    serve_metrics: bool = False,
 ) -> AccessLog:
-    shim = Shim(access, offload, holder_id, mirror, upload_idle_s, max_body_bytes)
+    """The API; with ``serve_metrics`` also ``GET /metrics`` (a 404 otherwise)."""
+    metrics = metrics or Metrics()
+    shim = Shim(access, offload, holder_id, mirror, upload_idle_s, max_body_bytes, metrics)
     routes = [
         Route("/u/auth", no_query(shim.auth), methods=["POST", "PATCH", "DELETE"]),
         Route("/p", no_query(shim.pools), methods=["GET", "PUT", "DELETE"]),
@@ -367,6 +388,8 @@ def create_app(
         Route("/p/media/{authkey}/{pid}/{filename:path}", no_query(shim.upload), methods=["PUT"]),
         Route("/openapi.json", no_query(shim.openapi), methods=["GET"]),
     ]
+    if serve_metrics:
+        routes.append(Route("/metrics", metrics_endpoint(metrics), methods=["GET"]))
 
     async def refusal(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, errors.VelocityError)
@@ -379,25 +402,36 @@ def create_app(
         log.error("%s %s failed: %r", request.method, route_of(request.scope), exc)
         return error(500, "internal error")
 
-    async def routing(request: Request, exc: Exception) -> Response:
-        # Starlette's own 404 (no route) and 405 (with its Allow header), as JSON errors.
-        assert isinstance(exc, HTTPException)
-        if exc.status_code in (204, 304):
-            return Response(status_code=exc.status_code, headers=exc.headers)
-        response = error(exc.status_code, exc.detail)
-        response.headers.update(exc.headers or {})
-        return response
-
     app = Starlette(
         routes=routes,
         exception_handlers={
             errors.VelocityError: refusal,
             CatalogUnavailable: unavailable,
-            HTTPException: routing,
+            HTTPException: json_routing,
             Exception: failure,
         },
     )
-    return AccessLog(app)
+    return AccessLog(app, metrics)
+
+
+def create_metrics_app(metrics: Metrics) -> AccessLog:
+    """``GET /metrics`` alone, for a process without the API (``metrics_listen``); other
+    paths and methods get the API's JSON errors."""
+    app = Starlette(
+        routes=[Route("/metrics", metrics_endpoint(metrics), methods=["GET"])],
+        exception_handlers={HTTPException: json_routing},
+    )
+    return AccessLog(app, metrics)
+
+
+async def json_routing(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 (no route) and 405 (with its Allow header), as JSON errors."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    response = error(exc.status_code, exc.detail)
+    response.headers.update(exc.headers or {})
+    return response
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -13,9 +13,11 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from velocityfs.api import DEFAULT_MAX_BODY_BYTES
-from velocityfs.api.app import Mirror, create_app
+from velocityfs.api.access_log import AccessLog
+from velocityfs.api.app import Mirror, create_app, create_metrics_app
 from velocityfs.errors import VelocityError
 from velocityfs.service.access import DEFAULT_UPLOAD_IDLE_S, Access
+from velocityfs.service.metrics import Metrics
 from velocityfs.service.velocity import Velocity
 from velocityfs.threads import Offload
 
@@ -40,10 +42,12 @@ async def serve_api(
     mirror: Mirror | None = None,
     upload_idle_s: float = DEFAULT_UPLOAD_IDLE_S,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics: Metrics | None = None,
+    serve_metrics: bool = False,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; reports started (with the bound addresses) once the
-    socket listens."""
+    socket listens. With ``serve_metrics``, ``GET /metrics`` too."""
     app = create_app(
         Access(velocity),
         offload,
@@ -51,7 +55,25 @@ async def serve_api(
         mirror,
         upload_idle_s=upload_idle_s,
         max_body_bytes=max_body_bytes,
+        metrics=metrics,
+        serve_metrics=serve_metrics,
     )
+    await _serve(app, bind, "the API", task_status)
+
+
+async def serve_metrics(
+    metrics: Metrics,
+    bind: str,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``GET /metrics`` alone on ``bind`` (``metrics_listen``), until cancelled."""
+    await _serve(create_metrics_app(metrics), bind, "the metrics", task_status)
+
+
+async def _serve(
+    app: AccessLog, bind: str, what: str, task_status: trio.TaskStatus[list[str]]
+) -> None:
     # Stopped by cancellation from the caller's nursery; an explicit trigger also
     # keeps Hypercorn from installing signal handlers of its own.
     never = trio.Event()
@@ -64,11 +86,12 @@ async def serve_api(
         while isinstance(exc, BaseExceptionGroup):
             exc = exc.exceptions[0]
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise CannotListen(f"cannot serve the API on {bind}: {reason}") from None
+        raise CannotListen(f"cannot serve {what} on {bind}: {reason}") from None
 
 
 class CannotListen(VelocityError):
-    """The API's address is taken or not ours (one line for the operator, no traceback)."""
+    """The API's (or the metrics') address is taken or not ours (one line for the
+    operator, no traceback)."""
 
 
 def unwrap_listen_error(group: BaseExceptionGroup[BaseException]) -> CannotListen | None:

@@ -123,6 +123,12 @@ class Database:
         self.batching = False
         self.batch_lost = False  # a batch failed to commit: its journal must stay
         self._batch_pause_until = 0.0
+        self._batch_began = 0.0
+        self._batch_units = 0
+        # Told of every transaction that committed: its kind ("transaction",
+        # "statements", "batch" or "read"), seconds from begin to commit, and units of
+        # work (a batch's; 1 otherwise). Set once by the daemon (its metrics).
+        self.observe: Callable[[str, float, int], None] | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -137,9 +143,11 @@ class Database:
     def transaction(self) -> Iterator[Session]:
         """One unit of work: commits on success, rolls back on any exception."""
         self.commit_batch()
+        began = time.perf_counter()
         with self._sessions() as session, session.begin():
             yield session
         self.commits += 1
+        self._committed("transaction", began)
 
     @contextmanager
     def reading(self) -> Iterator[Session]:
@@ -147,11 +155,13 @@ class Database:
         read (the change feed's) then never holds up the writers, nor waits for them."""
         self.commit_batch()
         token = _begin_to_read.set(True)
+        began = time.perf_counter()
         try:
             with self._sessions() as session, session.begin():
                 yield session
         finally:
             _begin_to_read.reset(token)
+        self._committed("read", began)
 
     @contextmanager
     def statements(self) -> Iterator[Connection]:
@@ -162,9 +172,15 @@ class Database:
         0.1 ms against 1-2 ms, the SQL itself being a few tens of microseconds).
         """
         self.commit_batch()
+        began = time.perf_counter()
         with self.engine.begin() as conn:
             yield conn
         self.commits += 1
+        self._committed("statements", began)
+
+    def _committed(self, kind: str, began: float, units: int = 1) -> None:
+        if self.observe is not None:
+            self.observe(kind, time.perf_counter() - began, units)
 
     @contextmanager
     def batched(self) -> Iterator[Connection]:
@@ -200,6 +216,7 @@ class Database:
             finally:
                 self._in_unit = False
             _driver_execute(driver, "RELEASE unit")
+            self._batch_units += 1
 
     def open_batch(self) -> bool:
         """Open the batch if SQLite's write lock can be had without waiting and the
@@ -245,6 +262,8 @@ class Database:
             conn.close()
             raise
         conn.info[BATCH_MEMO] = {}
+        self._batch_began = time.perf_counter()
+        self._batch_units = 0
         return conn
 
     def unit(self) -> contextlib.AbstractContextManager[Connection]:
@@ -287,6 +306,7 @@ class Database:
                 conn.info.pop(BATCH_MEMO, None)
                 conn.close()
             self.commits += 1
+            self._committed("batch", self._batch_began, self._batch_units)
             self._batch_pause_until = time.monotonic() + BATCH_PAUSE_S
             if not self.batch_lost:
                 for hook in self._on_batch_commit:

@@ -89,6 +89,8 @@ def mount(
         catalog_timeout_s=settings.catalog_timeout_s,
         upload_idle_s=settings.upload_idle_s,
         max_body_bytes=settings.api_max_body_bytes,
+        metrics_on_api=settings.metrics,
+        metrics_listen=settings.metrics_listen,
     )
 
 
@@ -120,6 +122,8 @@ def serve(ctx: Context, bind: str | None, log_level: str | None) -> None:
         ctx.settings.catalog_timeout_s,
         ctx.settings.upload_idle_s,
         ctx.settings.api_max_body_bytes,
+        metrics_on_api=ctx.settings.metrics,
+        metrics_listen=ctx.settings.metrics_listen,
     )
 
 

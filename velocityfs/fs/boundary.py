@@ -19,7 +19,8 @@ business and pass untouched. See docs/architecture.md, "The fault boundary".
 Being the one place every request passes, it also counts them, by kind, in the
 operations object's ``requests`` (``Counted``): what a workload costs in
 kernel round trips, which no disk noise moves. Requests the class leaves to
-pyfuse3's defaults (answered ENOSYS) are counted too.
+pyfuse3's defaults (answered ENOSYS) are counted too. It reports each one's
+time, and each ENOSPC with the pool that is full, to the process's metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import errno
 import functools
 import inspect
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -35,6 +37,7 @@ from typing import Any, Protocol, TypeVar
 import pyfuse3
 
 from velocityfs import errors
+from velocityfs.service.metrics import Metrics
 from velocityfs.threads import CatalogUnavailable
 
 log = logging.getLogger("velocityfs.fs")
@@ -61,9 +64,11 @@ ERRNO: list[tuple[type[errors.VelocityError], int]] = [
 
 
 class Counted(Protocol):
-    """An operations object: it owns the count of requests its handlers served."""
+    """An operations object: it owns the count of requests its handlers served, and
+    reports them to the process's metrics."""
 
     requests: Counter[str]
+    metrics: Metrics
 
 
 # Every handler ``guard`` made, so a test can tell that none was left out.
@@ -105,13 +110,23 @@ def guard(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(handler)
     async def guarded(operations: Counted, *args: Any, **kwargs: Any) -> T:
         operations.requests[request] += 1
+        started = time.perf_counter()
         try:
             return await handler(operations, *args, **kwargs)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            if exc.errno == errno.ENOSPC:
+                operations.metrics.enospc(None)
             raise
         except Exception as exc:
             _log(request, exc)
-            raise pyfuse3.FUSEError(errno_of(exc)) from exc
+            code = errno_of(exc)
+            if code == errno.ENOSPC:
+                operations.metrics.enospc(
+                    exc.pool if isinstance(exc, errors.QuotaExceeded) else None
+                )
+            raise pyfuse3.FUSEError(code) from exc
+        finally:
+            operations.metrics.fuse_request(request, time.perf_counter() - started)
 
     _GUARDED.add(guarded)
     return guarded

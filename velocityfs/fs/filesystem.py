@@ -20,6 +20,7 @@ from velocityfs.fs.local_changes import LocalChanges
 from velocityfs.fs.mirror import KernelCache, Mirror
 from velocityfs.fs.nodes import DirNode, Inodes
 from velocityfs.fs.operations import VelocityOperations
+from velocityfs.service.metrics import Metrics
 from velocityfs.service.velocity import Velocity
 from velocityfs.threads import Offload
 
@@ -35,6 +36,7 @@ class Filesystem:
         *,
         attr_timeout: float = 1.0,
         kernel: KernelCache | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         now = time.time_ns()
         root = DirNode(
@@ -54,7 +56,12 @@ class Filesystem:
         self.grants = Grants(velocity, offload, holder_id, self.inodes, self.changes)
         self.mirror = Mirror(velocity, self.inodes, self.grants, kernel)
         self.ops = VelocityOperations(
-            velocity, self.inodes, self.grants, self.changes, attr_timeout=attr_timeout
+            velocity,
+            self.inodes,
+            self.grants,
+            self.changes,
+            attr_timeout=attr_timeout,
+            metrics=metrics,
         )
         self.follower = Follower(velocity, offload, self.mirror, self.changes, attr_timeout)
         self.mirror.load()

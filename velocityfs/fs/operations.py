@@ -29,6 +29,7 @@ from velocityfs.fs.boundary import fault_boundary
 from velocityfs.fs.grants import Grants
 from velocityfs.fs.local_changes import LocalChanges
 from velocityfs.fs.nodes import DirNode, Inodes, MediaNode, Node, blocks_of
+from velocityfs.service.metrics import Metrics
 from velocityfs.service.names import MAX_NAME_BYTES
 from velocityfs.service.pools import mib_to_bytes
 from velocityfs.service.velocity import Velocity
@@ -103,6 +104,7 @@ class VelocityOperations(pyfuse3.Operations):
         changes: LocalChanges,
         *,
         attr_timeout: float = 1.0,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
         self.v = velocity
@@ -112,6 +114,7 @@ class VelocityOperations(pyfuse3.Operations):
         self.attr_timeout = attr_timeout
         self.handles: dict[int, Handle] = {}
         self.requests: Counter[str] = Counter()  # counted by the fault boundary
+        self.metrics = metrics or Metrics()  # reported to by the fault boundary
         self._next_fh = 1
         self.dir_handles: dict[int, list[tuple[str, Node]]] = {}
 

@@ -14,6 +14,7 @@ import trio
 from velocityfs.fs.filesystem import Filesystem
 from velocityfs.fs.mirror import KernelCache, Mirror
 from velocityfs.fs.mounts import fsname
+from velocityfs.service.metrics import Metrics
 from velocityfs.service.velocity import Velocity
 from velocityfs.threads import Offload
 
@@ -81,10 +82,16 @@ class MountSession:
         *,
         allow_other: bool,
         attr_timeout: float,
+        metrics: Metrics,
     ) -> None:
         self.mountpoint = mountpoint
         self.fs = Filesystem(
-            velocity, holder_id, offload, attr_timeout=attr_timeout, kernel=KernelCache()
+            velocity,
+            holder_id,
+            offload,
+            attr_timeout=attr_timeout,
+            kernel=KernelCache(),
+            metrics=metrics,
         )
         tune_gc()
         missing = missing_handlers()
@@ -127,6 +134,10 @@ class MountSession:
     def requests(self) -> dict[str, int]:
         """Kernel requests served so far, by kind (counted by ``fs.boundary``)."""
         return dict(self.fs.ops.requests)
+
+    def grants_held(self) -> int:
+        """Media this mount holds a grant on (open for writing, or not yet settled)."""
+        return self.fs.grants.held()
 
     async def ready(self) -> str:
         """Once the kernel answers: the read-ahead, then the status line."""

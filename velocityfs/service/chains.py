@@ -251,11 +251,12 @@ def full(chain: Sequence[Link], need: int) -> QuotaExceeded:
     with the least room, which may be an ancestor of the pool written to."""
     limited = [p for p in chain if p.quota_bytes is not None]
     if not limited:
-        return QuotaExceeded(f"pool '{chain_path(chain)}' has no quota: no room")
+        path = chain_path(chain)
+        return QuotaExceeded(f"pool '{path}' has no quota: no room", pool=path)
     pool = min(limited, key=lambda p: (p.quota_bytes or 0) - p.used_bytes)
     path = chain_path(chain[: chain.index(pool) + 1])
     left = max(0, (pool.quota_bytes or 0) - pool.used_bytes)
-    return QuotaExceeded(f"pool '{path}' is full: {left} bytes left, {need} needed")
+    return QuotaExceeded(f"pool '{path}' is full: {left} bytes left, {need} needed", pool=path)
 
 
 def adjust(
