@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from support.fs import MIB, avail, run, sha256, used
 
-from velocityfs.fs.session import PATCHED_HANDLERS
+from velocityfs.fs.session import PATCHED_HANDLERS, PATCHED_OPTIONS
 from velocityfs.store.space import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
 KIB = 1 << 10
@@ -245,7 +245,11 @@ def test_copy_file_range_past_the_quota_is_short_then_enospc(catalog, mount):
     assert catalog.pool("tenants")["used_bytes"] == 40 * MIB
 
 
-def test_the_mount_checks_every_handler_the_patch_adds():
-    """The bootstrap rebuilds pyfuse3 while one is missing; the mount warns."""
-    added = re.findall(r"^\+    async def (\w+)\(", PATCH.read_text(), flags=re.MULTILINE)
+def test_the_mount_checks_every_handler_and_option_the_patch_adds():
+    """The bootstrap rebuilds pyfuse3 from a changed patch; the mount warns of one
+    without them."""
+    patch = PATCH.read_text()
+    added = re.findall(r"^\+    async def (\w+)\(", patch, flags=re.MULTILINE)
     assert sorted(added) == sorted(PATCHED_HANDLERS)
+    options = re.findall(r"^\+    (\w+): bool = False$", patch, flags=re.MULTILINE)
+    assert sorted(options) == sorted(PATCHED_OPTIONS)

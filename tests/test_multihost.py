@@ -33,6 +33,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -642,6 +643,47 @@ def test_changes_on_one_host_show_on_the_other(
         assert sorted(os.listdir(m)) == ["vms"]
         assert not (m / "scratch" / "sub" / "x.img").exists()
     assert [p.name for p in catalog.v.pools.all() if p.parent_id is None] == ["vms"]
+
+
+
+def test_with_a_long_attribute_timeout_other_hosts_changes_still_show_within_a_refresh(
+    cli, catalog: Catalog, host_mount, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The kernel may cache names and attributes for a minute: the follower still reads
+    the catalog every second (fs.follow.REFRESH_MAX_S) and drops what another host
+    changed from the kernel's caches, after the kernel had it cached here."""
+    cli("pool", "create", "vms", "--quota-mib", "64", check=True)
+    cli("pool", "create", "vms/sub", check=True)
+    env = write_config(tmp_path / "velocityfs.toml", attr_timeout_s=60.0)
+    a = host_mount("host-a", env=env)
+    b = host_mount("host-b", env=env)
+    within = 1.0 + 2.0  # a refresh period, a transaction, a loaded box
+    (a / "vms" / "disk.img").write_bytes(b"x" * 4096)
+    (a / "vms" / "old.img").write_bytes(b"o" * 100)
+    sync_dir(a / "vms")
+    wait_for(lambda: size_of(b / "vms" / "disk.img") == 4096, within, "the media on B")
+    wait_for(lambda: size_of(b / "vms" / "old.img") == 100, within, "old.img on B")
+    media, pool = b / "vms" / "disk.img", b / "vms" / "sub"
+    assert stat.S_IMODE(os.stat(media).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(pool).st_mode) == 0o755
+
+    os.chmod(a / "vms" / "disk.img", 0o600)
+    os.chown(a / "vms" / "disk.img", 1234, 5678)
+    os.chmod(a / "vms" / "sub", 0o700)
+    os.utime(a / "vms" / "sub", ns=(10**18, 10**18))
+    wait_for(lambda: stat.S_IMODE(os.stat(media).st_mode) == 0o600, within, "the mode on B")
+    wait_for(lambda: os.stat(media).st_uid == 1234, within, "the owner on B")
+    assert os.stat(media).st_gid == 5678
+    wait_for(lambda: stat.S_IMODE(os.stat(pool).st_mode) == 0o700, within, "the pool's mode")
+    wait_for(lambda: os.stat(pool).st_mtime_ns == 10**18, within, "the pool's times")
+
+    with open(a / "vms" / "disk.img", "r+b") as f:
+        f.truncate(3 * 4096)
+    sync_dir(a / "vms")
+    wait_for(lambda: size_of(media) == 3 * 4096, within, "the new size on B")
+    os.rename(a / "vms" / "old.img", a / "vms" / "new.img")
+    wait_for(lambda: size_of(b / "vms" / "old.img") is None, within, "the old name gone on B")
+    assert size_of(b / "vms" / "new.img") == 100
 
 
 # -- the catalog server goes away and comes back ------------------------------------------

@@ -975,3 +975,26 @@ def test_the_mount_counts_requests_and_transactions_on_sigusr1_and_at_exit(catal
     assert after["transactions"] > before["transactions"]
     assert at_exit["requests"] >= after["requests"]
     assert at_exit["transactions"] >= after["transactions"]
+
+
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
+def test_a_4_kib_write_costs_one_request(catalog, mount):
+    """No getxattr("security.capability") before each write: the mount takes privilege
+    clearing over (FUSE_HANDLE_KILLPRIV_V2), so the kernel asks once per file, not per
+    write (tests/test_permissions.py checks what that hands over)."""
+    catalog.setup({"tenants": 64})
+    m = mount("--log-level", "WARNING")
+    fd = os.open(m / "tenants" / "vm.img", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"x" * 4096, 0)  # the one time the kernel asks
+        os.kill(m.pid, signal.SIGUSR1)
+        wait_for(lambda: len(counts_lines(m.log)) == 1, what="the first counts line")
+        for i in range(64):
+            os.pwrite(fd, b"y" * 4096, (i * 7919 % 256) * 4096)
+        os.kill(m.pid, signal.SIGUSR1)
+        wait_for(lambda: len(counts_lines(m.log)) == 2, what="the second counts line")
+    finally:
+        os.close(fd)
+    before, after = counts_lines(m.log)
+    assert after["write"] - before["write"] == 64
+    assert after["requests"] - before["requests"] == 64, (before, after)

@@ -301,6 +301,83 @@ def test_default_permissions_cannot_be_turned_off(bare_cli, tmp_path):
     assert command[-3:] == ["mount", "/srv/v", "--allow-other"]
 
 
+# -- A': setuid and setgid -----------------------------------------------------------------
+
+# Run by a child that becomes nobody: writes into or truncates the file argv[2].
+NOBODY_CHANGES = r"""
+import os, sys
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+what, path = sys.argv[1:]
+if what == "write":
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"nobody", 0)
+    finally:
+        os.close(fd)
+else:
+    os.truncate(path, 1)
+"""
+
+
+def setuid_steps(top: Path) -> list[tuple[str, int, int]]:
+    """For a write and a truncate by nobody and a chown by root of a root's 06777 file
+    in ``top`` (a host directory or a pool), the mode that chmod left and the one after;
+    last a directory's mode after chmod 02775 (both modes the same)."""
+    path = top / "disk.img"
+    path.write_bytes(b"x" * 4096)
+    steps = []
+    for step in ("write", "truncate", "chown"):
+        os.chown(path, 0, 0)
+        os.chmod(path, 0o6777)
+        set_mode = stat.S_IMODE(os.stat(path).st_mode)
+        if step == "chown":
+            os.chown(path, NOBODY, NOBODY)
+        else:
+            res = subprocess.run(
+                [sys.executable, "-I", "-c", NOBODY_CHANGES, step, str(path)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert res.returncode == 0, res.stderr
+        steps.append((step, set_mode, stat.S_IMODE(os.stat(path).st_mode)))
+    (top / "sub").mkdir()
+    os.chmod(top / "sub", 0o2775)
+    dir_mode = stat.S_IMODE(os.stat(top / "sub").st_mode)
+    steps.append(("directory", dir_mode, dir_mode))
+    return steps
+
+
+@SQLITE_ONLY
+def test_media_never_carry_setuid_or_setgid_so_none_is_left_to_clear(public_dir, catalog, mount):
+    """The mount takes clearing setuid and setgid over from the kernel
+    (FUSE_HANDLE_KILLPRIV_V2, one request per write), and has none to clear: a media
+    never carries them. What a write or truncate by another user and a chown leave is
+    what ext4 leaves; the one difference is that chmod does not set them on a media.
+    Pools keep setgid, as directories do."""
+    host = public_dir / "host"
+    host.mkdir()
+    os.chmod(host, 0o777)
+    expected = setuid_steps(host)
+    assert [set_mode for _, set_mode, _ in expected] == [0o6777, 0o6777, 0o6777, 0o2775]
+
+    catalog.setup({"public": 64})
+    m = mount("--allow-other", mountpoint=public_dir / "mnt")
+    os.chmod(m / "public", 0o777)
+    got = setuid_steps(m / "public")
+    assert [(step, after) for step, _, after in got] == [
+        (step, after) for step, _, after in expected
+    ]
+    assert [set_mode for _, set_mode, _ in got] == [0o777, 0o777, 0o777, 0o2775]
+    m.stop()
+    m = mount("--allow-other", mountpoint=public_dir / "mnt")
+    assert stat.S_IMODE(os.stat(m / "public" / "disk.img").st_mode) == 0o777
+    assert stat.S_IMODE(os.stat(m / "public" / "sub").st_mode) == 0o2775
+
+
 # -- B: backing files are 0600 -------------------------------------------------------------
 
 

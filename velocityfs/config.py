@@ -56,7 +56,7 @@ api_max_body_bytes = {DEFAULT_MAX_BODY_BYTES}         # larger JSON bodies get 4
                                      # (uploads have no limit but the quotas)
 authkey_lifetime_s = {DEFAULT_AUTHKEY_LIFETIME_S}
 attr_timeout_s = 1.0                 # how long kernels cache names and attributes; also how
-                                     # soon a mount sees other hosts' changes
+                                     # soon a mount sees other hosts' changes (1 s at most)
 catalog_timeout_s = 10.0             # how long a request waits for an unreachable catalog
 upload_idle_s = 60.0                 # an API upload whose body stops arriving this long
                                      # is aborted (408) and gives its room back

@@ -86,28 +86,30 @@ _vfs_ensure_install() {
 
 # pyfuse3 (3.5.0, the newest release) has no handlers for FUSE's fallocate, lseek and
 # copy_file_range requests, so fallocate(2) on the mount would get EOPNOTSUPP, holes
-# would read as data (SEEK_DATA/SEEK_HOLE) and copies would go block by block. Until
-# upstream has them, build that release from PyPI's source with
-# patches/pyfuse3-velocityfs.patch (handlers in the style of its fsync one). Skipped
-# when the installed pyfuse3 has every handler the patch adds (read from the patch),
-# so a .venv built from an older patch is rebuilt. Only pyfuse3 comes from source: its
+# would read as data (SEEK_DATA/SEEK_HOLE) and copies would go block by block; nor can
+# a file system ask for FUSE_HANDLE_KILLPRIV_V2 at init, without which the kernel asks
+# getxattr("security.capability") before every write. Until upstream has them, build
+# that release from PyPI's source with patches/pyfuse3-velocityfs.patch (handlers in
+# the style of its fsync one, the option in that of enable_acl). Skipped when the
+# installed pyfuse3 carries this patch's digest in its local version label, so a .venv
+# built from any other patch (or none) is rebuilt. Only pyfuse3 comes from source: its
 # build dependencies (Cython, setuptools) are wheels, where `--no-binary :all:` used to
 # compile Cython too. Run before `pip install -e`, which then finds pyfuse3 installed
 # instead of compiling the unpatched release first (PyPI has no wheel of it).
 PYFUSE3_VERSION=3.5.0
-# Our build's local version label (`pip show pyfuse3`), raised with each change of the patch.
-PYFUSE3_BUILD=velocityfs.2
 PYFUSE3_PATCH="$TOP/patches/pyfuse3-velocityfs.patch"
+# Our build's local version label (`pip show pyfuse3`): the patch's digest, behind a
+# letter so that no digest reads as a number (which the version would normalise).
+PYFUSE3_BUILD="velocityfs.p$(sha256sum "$PYFUSE3_PATCH" | cut -c1-12)"
 _vfs_ensure_pyfuse3() {
-    local py="$TOP/.venv/bin/python" work src handlers
-    mapfile -t handlers < <(sed -n 's/^+    async def \([a-z_]*\)(.*/\1/p' "$PYFUSE3_PATCH")
-    if "$py" -c 'import pyfuse3, sys
-sys.exit(any(not hasattr(pyfuse3.Operations, name) for name in sys.argv[1:]))' \
-        "${handlers[@]}" 2>/dev/null; then
+    local py="$TOP/.venv/bin/python" work src
+    if "$py" -c 'import importlib.metadata, sys
+sys.exit(importlib.metadata.version("pyfuse3") != sys.argv[1])' \
+        "$PYFUSE3_VERSION+$PYFUSE3_BUILD" 2>/dev/null; then
         return 0
     fi
     _vfs_log "building pyfuse3 $PYFUSE3_VERSION with the fallocate, lseek and" \
-        "copy_file_range handlers (patches/pyfuse3-velocityfs.patch)"
+        "copy_file_range handlers and FUSE_HANDLE_KILLPRIV_V2 (patches/pyfuse3-velocityfs.patch)"
     work="$(mktemp -d)"
     src="$work/pyfuse3-$PYFUSE3_VERSION"
     if "$py" -m pip download --disable-pip-version-check -q --no-deps --no-binary pyfuse3 \

@@ -2,10 +2,10 @@
 
 Three loops run beside ``pyfuse3.main()``:
 
-- refresh: every attribute timeout, read what changed since the last look
-  and mirror it (new, moved, resized and removed pools and media, through
-  ``fs.mirror``), dropping the kernel's cached entries and pages where they
-  went stale;
+- refresh: every attribute timeout, but at least every ``REFRESH_MAX_S``,
+  read what changed since the last look and mirror it (new, moved, resized and
+  removed pools and media, through ``fs.mirror``), dropping the kernel's
+  cached entries, attributes and pages where they went stale;
 - lease: renew this mount's lease on its grants (``Grants.renew_lease``,
   which registers afresh once it has expired: an expired lease is never
   renewed), every third of the catalog's lease length;
@@ -32,6 +32,20 @@ from velocityfs.threads import Offload
 log = logging.getLogger(__name__)
 
 LOOK_BACK_NS = 5_000_000_000
+# Why the kernel's cache may outlive a refresh period (an attribute timeout above this
+# one costs other hosts' changes no delay): the kernel caches four things of a mount,
+# and a refresh drops each that another host changed. Names: a removed, renamed or
+# replaced entry is invalidated (``Mirror.forget_entry``), and no negative entry is
+# ever cached (a lookup of a missing name answers ENOENT, not an entry with a
+# timeout), so a name made elsewhere is found at the next lookup. Attributes: a
+# pool's or media's that changed are invalidated (``Mirror.pool_changed``,
+# ``media_changed``). Pages: dropped with the attributes when the bytes changed.
+# Listings: never cached (every opendir reads the nodes). This host's own changes
+# reach the kernel in the replies. So what a mount shows is at most a refresh
+# period (plus the invalidation's thread hop) behind the catalog, whatever the
+# timeout; a longer one only saves the round trips of lookups and stats
+# (``--attr-timeout``, README).
+REFRESH_MAX_S = 1.0
 
 
 class Follower:
@@ -50,7 +64,7 @@ class Follower:
         self.mirror = mirror
         self.grants: Grants = mirror.grants
         self._changes = changes
-        self.interval_s = max(0.2, interval_s)
+        self.interval_s = min(max(0.2, interval_s), REFRESH_MAX_S)
         self.since_ns = time.time_ns()
         # Media versions (changed_ns) applied within the look-back: not read again.
         self.seen: dict[str, int] = {}
@@ -129,7 +143,7 @@ class Follower:
             return True
         if node.parent is not parent or node.name != view.name:
             await self.mirror.relocate(node, parent, view.name)
-        node.update(view)
+        await self.mirror.pool_changed(node, view)
         return True
 
     async def _media(self, view: MediaView) -> bool:

@@ -25,6 +25,16 @@ from velocityfs.threads import CatalogUnavailable
 log = logging.getLogger(__name__)
 
 
+def attributes_of(node: DirNode | MediaNode) -> tuple[int, ...]:
+    """What the kernel caches of a node (``VelocityOperations.attrs``) that another host
+    changes; a media's size is its write state's (``Grants.adopt``). Not the ctime: it
+    moves with each of these, and a write here moves it without the catalog (which
+    keeps the mtime), so comparing it would drop the attributes of every media this
+    mount wrote once more."""
+    size = node.size if isinstance(node, MediaNode) else 0
+    return (node.mode, node.uid, node.gid, node.mtime_ns, node.atime_ns, size)
+
+
 class KernelCache:
     """The kernel's cache of this mount's names and pages.
 
@@ -40,9 +50,17 @@ class KernelCache:
         await trio.to_thread.run_sync(invalidate)
 
     async def forget_pages(self, ino: int) -> None:
+        """Drop the pages and the attributes of ``ino``."""
+        await self._forget_inode(ino, attr_only=False)
+
+    async def forget_attributes(self, ino: int) -> None:
+        await self._forget_inode(ino, attr_only=True)
+
+    @staticmethod
+    async def _forget_inode(ino: int, *, attr_only: bool) -> None:
         def invalidate() -> None:
             with contextlib.suppress(OSError):
-                pyfuse3.invalidate_inode(ino, attr_only=False)
+                pyfuse3.invalidate_inode(ino, attr_only=attr_only)
 
         await trio.to_thread.run_sync(invalidate)
 
@@ -144,14 +162,27 @@ class Mirror:
 
     async def media_changed(self, node: MediaNode, view: MediaView) -> None:
         """Another host changed a media's metadata or bytes; an open one here keeps its
-        local state, and the kernel drops pages the bytes changed under."""
+        local state. The kernel drops pages the bytes changed under, and attributes
+        that changed: nothing it caches outlives a change seen here (``fs.follow``)."""
         if node.writers != 0:
             return
         bytes_changed = view.size != node.size or view.mtime_ns != node.mtime_ns
+        shown = attributes_of(node)
         node.update(view)
         self.grants.adopt(node, view)
-        if bytes_changed and self._kernel is not None:
+        if self._kernel is None:
+            return
+        if bytes_changed:
             await self._kernel.forget_pages(node.ino)
+        elif attributes_of(node) != shown:
+            await self._kernel.forget_attributes(node.ino)
+
+    async def pool_changed(self, node: DirNode, view: PoolView) -> None:
+        """Another host changed a pool's metadata (its mode, owner, times)."""
+        shown = attributes_of(node)
+        node.update(view)
+        if self._kernel is not None and attributes_of(node) != shown:
+            await self._kernel.forget_attributes(node.ino)
 
     async def forget_entry(self, parent: DirNode, name: str, ino: int) -> None:
         """Drop the kernel's cached entry ``name`` of ``parent`` (``ino``: the node gone)."""

@@ -93,6 +93,9 @@ class MediaNode(Node):
     dirty: bool = False
     deleted: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
+    # ``blocks_of``'s memo: the backing file's blocks, and for which path, size, mtime.
+    blocks: int = 0
+    blocks_for: tuple[str, int, int] | None = None
 
     def st_mode(self) -> int:
         return stat.S_IFREG | self.mode
@@ -211,8 +214,20 @@ def _unlink(node: Node) -> None:
 
 
 def blocks_of(node: MediaNode) -> int:
-    """512-byte blocks really allocated on the backing volume (sparse files show small)."""
+    """512-byte blocks really allocated on the backing volume (sparse files show small).
+
+    Asked of the backing file again only once the media's path, size or mtime moved:
+    every change of its bytes here moves the mtime (``fs.grants``: writes, truncates,
+    fallocate, copies), one elsewhere comes with the catalog's. Without the stat(2),
+    building a media's attributes for a lookup, getattr or readdirplus entry took 1.8
+    instead of 8 us here (issue 18).
+    """
+    key = (node.open_path, node.size, node.mtime_ns)
+    if node.blocks_for == key:
+        return node.blocks
     try:
-        return os.stat(node.open_path).st_blocks
+        node.blocks = os.stat(node.open_path).st_blocks
     except OSError:
         return (node.size + 511) // 512
+    node.blocks_for = key
+    return node.blocks

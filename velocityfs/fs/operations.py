@@ -33,7 +33,7 @@ from velocityfs.service.metrics import Metrics
 from velocityfs.service.names import MAX_NAME_BYTES
 from velocityfs.service.pools import mib_to_bytes
 from velocityfs.service.velocity import Velocity
-from velocityfs.service.views import Creator
+from velocityfs.service.views import Creator, media_mode
 from velocityfs.store.space import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -95,6 +95,11 @@ class VelocityOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
+    # Privilege clearing is ours (patches/pyfuse3-velocityfs.patch): the kernel then
+    # stops asking getxattr("security.capability") before every write, half of a 4 KiB
+    # write's requests. What it hands over is empty: media never carry setuid or
+    # setgid (service.views.media_mode) nor security.capability (setxattr refuses it).
+    handle_killpriv_v2 = True
 
     def __init__(
         self,
@@ -208,7 +213,8 @@ class VelocityOperations(pyfuse3.Operations):
             raise fuse_error(errno.EPERM)
         changes: dict[str, int] = {}
         if fields.update_mode:
-            changes["mode"] = attr.st_mode & 0o7777
+            mode = attr.st_mode & 0o7777
+            changes["mode"] = media_mode(mode) if isinstance(node, MediaNode) else mode
         if fields.update_uid:
             changes["uid"] = attr.st_uid
         if fields.update_gid:

@@ -27,15 +27,18 @@ READ_AHEAD_KB = 1024
 GC_YOUNG = 20_000
 
 
-# Request handlers that pyfuse3 3.5 lacks and patches/pyfuse3-velocityfs.patch adds
-# (tests/test_fs_holes.py checks the two agree): without them the mount still runs,
-# with less, and says so.
+# Request handlers and the init option that pyfuse3 3.5 lacks and
+# patches/pyfuse3-velocityfs.patch adds (tests/test_fs_holes.py checks they agree):
+# without them the mount still runs, with less, and says so.
 PATCHED_HANDLERS = ("fallocate", "lseek", "copy_file_range")
+PATCHED_OPTIONS = ("handle_killpriv_v2",)
 
 
 def missing_handlers() -> list[str]:
-    """The patched handlers the installed pyfuse3 does not have."""
-    return [name for name in PATCHED_HANDLERS if not hasattr(pyfuse3.Operations, name)]
+    """The patched handlers and options the installed pyfuse3 does not have."""
+    return [
+        name for name in PATCHED_HANDLERS + PATCHED_OPTIONS if not hasattr(pyfuse3.Operations, name)
+    ]
 
 
 def mount_options(*, allow_other: bool) -> set[str]:
@@ -97,8 +100,8 @@ class MountSession:
         missing = missing_handlers()
         if missing:
             log.warning(
-                "this pyfuse3 lacks the handlers %s: fallocate(2) gets EOPNOTSUPP, holes "
-                "read as data and copies go block by block "
+                "this pyfuse3 lacks %s: fallocate(2) gets EOPNOTSUPP, holes read as "
+                "data, copies go block by block and every write costs a second request "
                 "(scripts/lib/bootstrap.sh installs a build that has them)",
                 ", ".join(missing),
             )

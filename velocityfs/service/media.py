@@ -35,7 +35,7 @@ from velocityfs.service.ledger import (
 from velocityfs.service.names import check_name
 from velocityfs.service.pools import name_taken
 from velocityfs.service.removals import record_removals
-from velocityfs.service.views import Creator, MediaView, attr_changes
+from velocityfs.service.views import Creator, MediaView, attr_changes, media_mode
 from velocityfs.store.backing import FILE_MODE, BackingStore
 from velocityfs.store.journal import CreateJournal, discard_journal, read_journal
 from velocityfs.store.spares import SpareFiles
@@ -101,7 +101,7 @@ def _new_row(
         "name": name,
         "size": size,
         "volume": volume,
-        "mode": mode & 0o7777,
+        "mode": media_mode(mode),
         "uid": uid,
         "gid": gid,
         "atime_ns": now,
@@ -198,7 +198,7 @@ class MediaService:
             name=media.name,
             size=media.size,
             volume=media.volume,
-            mode=media.mode,
+            mode=media_mode(media.mode),  # rows from before media_mode may have them
             uid=media.uid,
             gid=media.gid,
             atime_ns=media.atime_ns,
@@ -501,7 +501,13 @@ class MediaService:
         mtime_ns: int | None = None,
     ) -> None:
         """Metadata that ``cp -a`` and ``rsync -a`` restore."""
-        columns = attr_changes(mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
+        columns = attr_changes(
+            mode=None if mode is None else media_mode(mode),
+            uid=uid,
+            gid=gid,
+            atime_ns=atime_ns,
+            mtime_ns=mtime_ns,
+        )
         with self.db.statements() as conn:
             done = conn.execute(update(MEDIA).where(MEDIA.c.id == media_id).values(**columns))
             if done.rowcount == 0:

@@ -72,6 +72,20 @@ class ListedPool:
     permissions: list[str]
 
 
+# Media never carry the setuid and setgid bits, only permission and sticky bits: they
+# are disk images, not programs, and without those bits (and with no
+# security.capability, which no one may set) a write, truncate or chown by another
+# user has nothing to clear. The mount can so take privilege clearing over from the
+# kernel (FUSE_HANDLE_KILLPRIV_V2, fs.operations), which then stops asking for
+# security.capability before every write. Pools keep theirs.
+MEDIA_MODE_BITS = 0o1777
+
+
+def media_mode(mode: int) -> int:
+    """The mode a media is given for ``mode``: without setuid and setgid."""
+    return mode & MEDIA_MODE_BITS
+
+
 def attr_changes(**changes: int | None) -> dict[str, int]:
     """The columns that setting metadata (mode, uid, gid, atime_ns, mtime_ns) changes.
 
