@@ -153,13 +153,18 @@ class Grants:
             node.writers += 1
 
     def released(self, node: MediaNode, *, writable: bool) -> None:
-        """A handle of ``node`` closed: the last writer's close settles with the batch."""
+        """A handle of ``node`` closed: the last writer's close settles with the batch,
+        and the last close of an unlinked media removes it with the batch."""
         node.writers -= writable
-        if node.writers == 0 and node.unsettled and not node.deleted:
+        if node.unlinked and not node.deleted and node.open_count == 0:
+            node.deleted = True
+            self._releases.unlink(node)
+        elif node.writers == 0 and node.unsettled and not node.deleted:
             self._releases.close(node)
 
     def unlinked(self, node: MediaNode) -> None:
-        """``node`` is gone from the mount: its media goes with the batch."""
+        """``node``'s name is gone from the mount: its media goes with the batch, or,
+        while a handle has it open, stays hidden until the last close (``released``)."""
         self._releases.unlink(node)
 
     def fits(self, node: MediaNode, end: int) -> bool:
@@ -348,7 +353,12 @@ class Grants:
 
     async def settle_all(self, nodes: Iterable[MediaNode]) -> None:
         """On unmount: commit the batches, settle every open media and hand back every
-        grant and lease."""
+        grant and lease; media unlinked while open go now, as at their last close."""
+        nodes = list(nodes)
+        for node in nodes:
+            if node.unlinked and not node.deleted:
+                node.deleted = True
+                self._releases.unlink(node)
         await self.commit()
         for node in nodes:
             node.writers = 0
@@ -428,6 +438,9 @@ class Grants:
                 self._v.register_writer_again, self._holder_id, [n.media_id for n in nodes]
             )
             self._holder_id = rejoined.holder_id
+            for gone in self._inodes.by_ino.values():
+                if isinstance(gone, MediaNode) and gone.unlinked:
+                    gone.deleted = True  # the old holder's reclaim removed its row
             lease = self._v.ledger.lease_of(rejoined.holder_id)
             self._lease_valid_until = lease.trusted_until(LEASE_TRUST)
             for node in nodes:
@@ -564,12 +577,19 @@ class Releases:
                 await self._commit_unlinks()
 
     async def _commit_unlinks(self) -> None:
+        """Media still open here are unlinked but kept (``MediaService.unlink_open``)
+        until their last close, which unlinks them again, for good."""
         while self._unlinked:
             ids = list(itertools.islice(self._unlinked, BATCH_MAX))
             nodes = {media_id: self._unlinked.pop(media_id) for media_id in ids}
+            kept = [media_id for media_id, node in nodes.items() if not node.deleted]
+            gone = [media_id for media_id, node in nodes.items() if node.deleted]
             self._unlinking = True
             try:
-                await self._offload(self._v.media.remove_many, ids)
+                if kept:
+                    await self._offload(self._v.media.unlink_open, kept, self._holder_id())
+                if gone:
+                    await self._offload(self._v.media.remove_many, gone)
             except BaseException:
                 self._unlinked.update(nodes)
                 raise

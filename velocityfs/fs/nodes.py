@@ -78,6 +78,9 @@ class MediaNode(Node):
     changed since the last settle; ``writers`` counts handles open for
     writing; ``lock`` serialises the catalog calls that change the grant.
     ``open_count`` (every handle) is the operations' bookkeeping.
+    ``unlinked``: its name is gone (link count 0); ``deleted``: so is its
+    catalog row, or it goes with the next batch. A media unlinked while open
+    is ``unlinked`` but not ``deleted`` until its last close.
     """
 
     media_id: str = ""
@@ -91,6 +94,7 @@ class MediaNode(Node):
     writers: int = 0
     held: bool = False
     dirty: bool = False
+    unlinked: bool = False
     deleted: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
 
@@ -173,11 +177,16 @@ class Inodes:
         self.by_media[view.id] = node
         return node
 
-    def detach(self, node: Node) -> None:
-        """Take a node out of its directory; keep its inode while a handle is open."""
+    def detach(self, node: Node, *, keep_row: bool = False) -> None:
+        """Take a node out of its directory; keep its inode while a handle is open.
+
+        ``keep_row``: a media unlinked while open, whose catalog row stays until
+        its last close (``Grants.unlinked``).
+        """
         _unlink(node)
         if isinstance(node, MediaNode):
-            node.deleted = True
+            node.unlinked = True
+            node.deleted = not keep_row
             self.by_media.pop(node.media_id, None)
             if node.open_count == 0:
                 self.by_ino.pop(node.ino, None)

@@ -218,10 +218,16 @@ class Velocity:
         for holder_id in dead:
             if self.ledger.fence(holder_id):
                 reclaimed += self._reclaim(holder_id)
+        # Unlinked open media of a holder that left the catalog without closing them
+        # (a clean stop under a lazy unmount) or whose reclaim was cut short.
+        self.media.remove_unlinked([])
         return reclaimed
 
     def _reclaim(self, holder_id: str) -> int:
-        """Settle a fenced holder's grants to the sizes of its files on disk."""
+        """Remove the media a fenced holder had unlinked while open (its last close
+        will never come), then settle its grants to the sizes of its files on disk.
+        The removal first: the holder's row, which marks them, goes last."""
+        self.media.remove_unlinked([holder_id])
         media_ids = [mid for _gid, mid in self.ledger.stale_grants([holder_id]) if mid]
         reclaimed = self.ledger.reclaim(holder_id, self._sizes_on_disk(media_ids))
         self.backing.discard_uploads(holder_id)
