@@ -470,7 +470,8 @@ def test_a_file_unlinked_open_on_one_host_is_gone_on_the_other_and_reclaimed(
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         os.write(fd, b"a" * (3 * MIB))
-        sync_dir(a / "vms")
+        os.fsync(fd)  # the size reaches the catalog
+        sync_dir(a / "vms")  # and so does the create
         wait_for(lambda: size_of(b / "vms" / "scratch.img") == 3 * MIB, VISIBLE_WITHIN_S, "on B")
         backing = Path(vattr(path, "backing_path"))
         os.unlink(path)
