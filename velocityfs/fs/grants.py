@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIB = 1 << 20
-# A new file's first grant: a small file is then written without another transaction.
+# A new or reopened file's first grant: a small file is then written, or a reopened
+# one grown a little, without another transaction.
 FIRST_GRANT = MIB
 # A lease is trusted for this share of its length after the last renewal: the rest
 # is the margin for clocks and for a renewal under way.
@@ -143,13 +144,20 @@ class Grants:
     async def open_writer(self, node: MediaNode) -> None:
         """A handle opens ``node`` for writing: take back its pending close, or wait for
         the batch carrying it, then hold the lease (a grant row) that volume moves
-        respect. Hold first, then open the backing file: a move cannot switch it
-        between the two."""
+        respect. A file that grew by writes while last open for writing (a log, an
+        append loop, fsx) gets a first grant with it, as a create does, so growing
+        it again costs no transaction of its own; others (a disk image opened
+        read-write) hold no room while open. Hold first, then open the backing
+        file: a move cannot switch it between the two."""
         await self._releases.reopen(node)
         async with node.lock:
             if not node.held:
-                await self._offload(self._v.ledger.hold, node.media_id, self._holder_id)
+                first = FIRST_GRANT if node.grew else 0
+                node.charged += await self._offload(
+                    self._v.ledger.hold, node.media_id, self._holder_id, first
+                )
                 node.held = True
+                node.grew = False
             node.writers += 1
 
     def released(self, node: MediaNode, *, writable: bool) -> None:
@@ -195,6 +203,7 @@ class Grants:
         if end > node.size:
             self._undo_if_lapsed(node, node.size)
             node.size = end
+            node.grew = True
         node.mtime_ns = node.ctime_ns = time.time_ns()
         node.dirty = True
 

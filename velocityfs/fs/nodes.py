@@ -75,8 +75,10 @@ class MediaNode(Node):
     ``charged`` need no SQL; ``size`` never exceeds it. ``held`` says the
     catalog has our grant row, which marks the media open for writing here
     (volume moves wait for it to go); ``dirty`` that the mtime or bytes
-    changed since the last settle; ``writers`` counts handles open for
-    writing; ``lock`` serialises the catalog calls that change the grant.
+    changed since the last settle; ``grew`` that writes grew it since the
+    last lease was taken (``Grants.open_writer``); ``writers`` counts
+    handles open for writing; ``lock`` serialises the catalog calls that
+    change the grant.
     ``open_count`` (every handle) is the operations' bookkeeping.
     ``unlinked``: its name is gone (link count 0); ``deleted``: so is its
     catalog row, or it goes with the next batch. A media unlinked while open
@@ -94,6 +96,7 @@ class MediaNode(Node):
     writers: int = 0
     held: bool = False
     dirty: bool = False
+    grew: bool = False
     unlinked: bool = False
     deleted: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
