@@ -17,11 +17,12 @@ import os
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from support.fs import MIB, pool_show, sync_dir, used, vattr
 from support.usage import assert_usage_consistent
 
-from velocityfs.catalog.models import Media
+from velocityfs.catalog.models import Holder, Media
+from velocityfs.service.fsck import Fsck
 
 TIMES = (1_600_000_000_123_456_789, 1_500_000_000_000_000_001)
 
@@ -222,3 +223,32 @@ def test_fsck_repair_returns_the_room_of_a_crashed_unlinked_open_file(catalog, c
     _check_only_kept(catalog, media_id, backing)
     m = mount()
     assert os.listdir(m / "p") == ["kept.img"]
+
+
+def test_fsck_repair_removes_media_unlinked_open_by_a_process_gone_from_the_catalog(catalog):
+    """A holder gone from the catalog (a reclaim cut short) that had not closed a media
+    it unlinked while open: no reclaim will see it, so fsck reports and removes it. A
+    clean retirement keeps the holder's row while such media are left."""
+    catalog.setup({"p": 64})
+    v = catalog.v
+    pool = v.pool_by_ref("p").id
+    kept = v.media.create(pool, "kept.img", size=MIB)
+    left = v.media.create(pool, "left.img", size=3 * MIB)
+    holder = v.ledger.register_holder()
+    assert v.media.unlink_open([left.id], holder) == [left.id]
+    assert [m.name for m in v.media.all()] == ["kept.img"]
+    assert catalog.used("p") == 4 * MIB
+    v.ledger.retire_holder(holder)
+    assert holder in v.ledger.holder_ids()
+    with v.db.transaction() as s:
+        s.execute(delete(Holder).where(Holder.id == holder))
+
+    problems = list(Fsck(v).run())
+    assert [p.kind for p in problems] == ["unlinked-media"]
+    problems[0].repair()
+    assert catalog.used("p") == MIB
+    assert _media_rows(catalog) == 1
+    assert v.backing.size(left.volume, left.id) is None
+    assert v.backing.size(kept.volume, kept.id) == MIB
+    assert list(Fsck(v).run()) == []
+    assert_usage_consistent(v)

@@ -507,12 +507,16 @@ class Ledger:
         return lease
 
     def retire_holder(self, holder_id: str) -> None:
-        """Forget a holder on a clean shutdown, unless grants are left (a settlement
-        failed): then the row stays, so the grants are reclaimed like a dead one's."""
+        """Forget a holder on a clean shutdown, unless grants or media it unlinked while
+        open are left (a settlement or removal failed): then the row stays, so they
+        are reclaimed like a dead one's."""
         self._leases.pop(holder_id, None)
         with self.db.transaction() as s:
             holder = s.get(Holder, holder_id)
             left = s.execute(select(Grant.id).where(Grant.holder_id == holder_id)).first()
+            if left is None:
+                unlinked = select(Media.id).where(Media.unlinked_by == holder_id)
+                left = s.execute(unlinked).first()
             if holder is not None and left is None:
                 s.delete(holder)
 

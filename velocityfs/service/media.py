@@ -472,16 +472,20 @@ class MediaService:
             record_removals(conn, "media", list(rows))
         return list(rows)
 
-    def remove_unlinked(self, holder_ids: Sequence[str]) -> int:
-        """Remove media unlinked while open by ``holder_ids`` (fenced: dead) or by a
-        holder no longer in the catalog; returns how many. Their last close will
-        never come, so their room goes back and their backing files go now."""
+    def left_unlinked(self, holder_ids: Sequence[str]) -> list[str]:
+        """Media unlinked while open by ``holder_ids`` or by a holder no longer in the
+        catalog: their last close will never come."""
         gone = ~MEDIA.c.unlinked_by.in_(select(HOLDERS.c.id))
         stale = select(MEDIA.c.id).where(
             MEDIA.c.unlinked_by.is_not(None), MEDIA.c.unlinked_by.in_(holder_ids) | gone
         )
         with self.db.statements() as conn:
-            ids = list(conn.execute(stale).scalars())
+            return list(conn.execute(stale).scalars())
+
+    def remove_unlinked(self, holder_ids: Sequence[str]) -> int:
+        """Remove the media ``left_unlinked`` finds (``holder_ids`` fenced: dead);
+        returns how many. Their room goes back and their backing files go now."""
+        ids = self.left_unlinked(holder_ids)
         removed = 0
         for start in range(0, len(ids), VOLUMES_BATCH):
             removed += len(self.remove_many(ids[start : start + VOLUMES_BATCH]))

@@ -218,9 +218,6 @@ class Velocity:
         for holder_id in dead:
             if self.ledger.fence(holder_id):
                 reclaimed += self._reclaim(holder_id)
-        # Unlinked open media of a holder that left the catalog without closing them
-        # (a clean stop under a lazy unmount) or whose reclaim was cut short.
-        self.media.remove_unlinked([])
         return reclaimed
 
     def _reclaim(self, holder_id: str) -> int:
