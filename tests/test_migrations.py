@@ -17,7 +17,7 @@ def test_migrations_match_models(catalog_url: str, store_dir: Path) -> None:
         drift = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
     assert drift == []
-    assert revision == "0005"
+    assert revision == "0006"
     v.close()
 
 

@@ -456,6 +456,51 @@ def test_killed_host_room_is_reclaimed_after_its_lease(
         assert f.read() == b"\x5a" * a_bytes
 
 
+def test_a_file_unlinked_open_on_one_host_is_gone_on_the_other_and_reclaimed(
+    cli, catalog: Catalog, host_mount, tmp_path: Path, store_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Issue 17 across hosts: a file unlinked while open on host A is gone from host B
+    (listing, API view, name free) while A keeps writing it, charged to its pool; A
+    is then killed, and B's reclaim after A's lease removes it and returns its room."""
+    cli("pool", "create", "vms", "--quota-mib", "32", check=True)
+    cli("lease", "set", str(LEASE_S), check=True)
+    env = write_config(tmp_path / "velocityfs.toml", attr_timeout_s=ATTR_TIMEOUT_S)
+    a = host_mount("host-a", env=env)
+    b = host_mount("host-b", env=env)
+    path = a / "vms" / "scratch.img"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"a" * (3 * MIB))
+        os.fsync(fd)  # the size reaches the catalog
+        sync_dir(a / "vms")  # and so does the create
+        wait_for(lambda: size_of(b / "vms" / "scratch.img") == 3 * MIB, VISIBLE_WITHIN_S, "on B")
+        backing = Path(vattr(path, "backing_path"))
+        os.unlink(path)
+        sync_dir(a / "vms")
+        os.write(fd, b"b" * (2 * MIB))  # grows it past its first grant
+        wait_for(lambda: not os.listdir(b / "vms"), VISIBLE_WITHIN_S, "gone from host B")
+        assert catalog.media_sizes("vms") == {}
+        (b / "vms" / "scratch.img").write_bytes(b"new\n")  # its name is free
+        sync_dir(b / "vms")
+        assert catalog.media_sizes("vms") == {"scratch.img": 4}
+        assert catalog.used("vms") >= 5 * MIB + 4  # still charged for A's open file
+        assert os.fstat(fd).st_nlink == 0
+        assert os.pread(fd, 6 * MIB, 0) == b"a" * (3 * MIB) + b"b" * (2 * MIB)
+        a.kill9()
+    finally:
+        with contextlib.suppress(OSError):  # the connection is gone
+            os.close(fd)
+    wait_for(
+        lambda: catalog.used("vms") == 4,
+        3 * LEASE_S + 10,
+        "host B's reclaim returns the room of A's unlinked open file",
+    )
+    assert not backing.exists()
+    assert catalog.media_sizes("vms") == {"scratch.img": 4}
+    assert sorted(os.listdir(b / "vms")) == ["scratch.img"]
+    assert (b / "vms" / "scratch.img").read_bytes() == b"new\n"
+
+
 # Opens every file named on the command line for writing (a lease each) until stdin closes.
 OPEN_MANY = r"""
 import os, sys

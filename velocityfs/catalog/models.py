@@ -91,7 +91,14 @@ class Pool(Base):
 
 
 class Media(Base):
-    """A disk image or ISO in a pool; its bytes live in a backing file named by id."""
+    """A disk image or ISO in a pool; its bytes live in a backing file named by id.
+
+    ``unlinked_by`` is set (to a holder id) on media unlinked while that holder
+    still has it open, as the kernel's filesystems keep an unlinked open file:
+    its name is then ``/`` and its id (a name no user can give, so the old one is
+    free at once), no listing shows it, its size and grants stay charged to its
+    pool, and it goes with the holder's last close, or with the holder's reclaim.
+    """
 
     __tablename__ = "media"
     # The unique (pool_id, name) index also serves lookups by pool_id alone.
@@ -112,6 +119,7 @@ class Media(Base):
     changed_ns: Mapped[int] = mapped_column(
         BigInteger, default=time.time_ns, onupdate=time.time_ns, index=True
     )
+    unlinked_by: Mapped[str | None] = mapped_column(String(36))
 
 
 class Removal(Base):

@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIB = 1 << 20
-# A new file's first grant: a small file is then written without another transaction.
+# A new or reopened file's first grant: a small file is then written, or a reopened
+# one grown a little, without another transaction.
 FIRST_GRANT = MIB
 # A lease is trusted for this share of its length after the last renewal: the rest
 # is the margin for clocks and for a renewal under way.
@@ -148,23 +149,35 @@ class Grants:
     async def open_writer(self, node: MediaNode) -> None:
         """A handle opens ``node`` for writing: take back its pending close, or wait for
         the batch carrying it, then hold the lease (a grant row) that volume moves
-        respect. Hold first, then open the backing file: a move cannot switch it
-        between the two."""
+        respect. A file that grew by writes while last open for writing (a log, an
+        append loop, fsx) gets a first grant with it, as a create does, so growing
+        it again costs no transaction of its own; others (a disk image opened
+        read-write) hold no room while open. Hold first, then open the backing
+        file: a move cannot switch it between the two."""
         await self._releases.reopen(node)
         async with node.lock:
             if not node.held:
-                await self._offload(self._v.ledger.hold, node.media_id, self._holder_id)
+                first = FIRST_GRANT if node.grew else 0
+                node.charged += await self._offload(
+                    self._v.ledger.hold, node.media_id, self._holder_id, first
+                )
                 node.held = True
+                node.grew = False
             node.writers += 1
 
     def released(self, node: MediaNode, *, writable: bool) -> None:
-        """A handle of ``node`` closed: the last writer's close settles with the batch."""
+        """A handle of ``node`` closed: the last writer's close settles with the batch,
+        and the last close of an unlinked media removes it with the batch."""
         node.writers -= writable
-        if node.writers == 0 and node.unsettled and not node.deleted:
+        if node.unlinked and not node.deleted and node.open_count == 0:
+            node.deleted = True
+            self._releases.unlink(node)
+        elif node.writers == 0 and node.unsettled and not node.deleted:
             self._releases.close(node)
 
     def unlinked(self, node: MediaNode) -> None:
-        """``node`` is gone from the mount: its media goes with the batch."""
+        """``node``'s name is gone from the mount: its media goes with the batch, or,
+        while a handle has it open, stays hidden until the last close (``released``)."""
         self._releases.unlink(node)
 
     def fits(self, node: MediaNode, end: int) -> bool:
@@ -195,6 +208,7 @@ class Grants:
         if end > node.size:
             self._undo_if_lapsed(node, node.size)
             node.size = end
+            node.grew = True
         node.mtime_ns = node.ctime_ns = time.time_ns()
         node.dirty = True
 
@@ -351,7 +365,12 @@ class Grants:
 
     async def settle_all(self, nodes: Iterable[MediaNode]) -> None:
         """On unmount: commit the batches, settle every open media and hand back every
-        grant and lease."""
+        grant and lease; media unlinked while open go now, as at their last close."""
+        nodes = list(nodes)
+        for node in nodes:
+            if node.unlinked and not node.deleted:
+                node.deleted = True
+                self._releases.unlink(node)
         await self.commit()
         for node in nodes:
             node.writers = 0
@@ -431,6 +450,9 @@ class Grants:
                 self._v.register_writer_again, self._holder_id, [n.media_id for n in nodes]
             )
             self._holder_id = rejoined.holder_id
+            for gone in self._inodes.by_ino.values():
+                if isinstance(gone, MediaNode) and gone.unlinked:
+                    gone.deleted = True  # the old holder's reclaim removed its row
             lease = self._v.ledger.lease_of(rejoined.holder_id)
             self._lease_valid_until = lease.trusted_until(LEASE_TRUST)
             for node in nodes:
@@ -567,12 +589,19 @@ class Releases:
                 await self._commit_unlinks()
 
     async def _commit_unlinks(self) -> None:
+        """Media still open here are unlinked but kept (``MediaService.unlink_open``)
+        until their last close, which unlinks them again, for good."""
         while self._unlinked:
             ids = list(itertools.islice(self._unlinked, BATCH_MAX))
             nodes = {media_id: self._unlinked.pop(media_id) for media_id in ids}
+            kept = [media_id for media_id, node in nodes.items() if not node.deleted]
+            gone = [media_id for media_id, node in nodes.items() if node.deleted]
             self._unlinking = True
             try:
-                await self._offload(self._v.media.remove_many, ids)
+                if kept:
+                    await self._offload(self._v.media.unlink_open, kept, self._holder_id())
+                if gone:
+                    await self._offload(self._v.media.remove_many, gone)
             except BaseException:
                 self._unlinked.update(nodes)
                 raise

@@ -75,9 +75,14 @@ class MediaNode(Node):
     ``charged`` need no SQL; ``size`` never exceeds it. ``held`` says the
     catalog has our grant row, which marks the media open for writing here
     (volume moves wait for it to go); ``dirty`` that the mtime or bytes
-    changed since the last settle; ``writers`` counts handles open for
-    writing; ``lock`` serialises the catalog calls that change the grant.
+    changed since the last settle; ``grew`` that writes grew it since the
+    last lease was taken (``Grants.open_writer``); ``writers`` counts
+    handles open for writing; ``lock`` serialises the catalog calls that
+    change the grant.
     ``open_count`` (every handle) is the operations' bookkeeping.
+    ``unlinked``: its name is gone (link count 0); ``deleted``: so is its
+    catalog row, or it goes with the next batch. A media unlinked while open
+    is ``unlinked`` but not ``deleted`` until its last close.
     """
 
     media_id: str = ""
@@ -91,6 +96,8 @@ class MediaNode(Node):
     writers: int = 0
     held: bool = False
     dirty: bool = False
+    grew: bool = False
+    unlinked: bool = False
     deleted: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
     # ``blocks_of``'s memo: the backing file's blocks, and for which path, size, mtime.
@@ -176,11 +183,16 @@ class Inodes:
         self.by_media[view.id] = node
         return node
 
-    def detach(self, node: Node) -> None:
-        """Take a node out of its directory; keep its inode while a handle is open."""
+    def detach(self, node: Node, *, keep_row: bool = False) -> None:
+        """Take a node out of its directory; keep its inode while a handle is open.
+
+        ``keep_row``: a media unlinked while open, whose catalog row stays until
+        its last close (``Grants.unlinked``).
+        """
         _unlink(node)
         if isinstance(node, MediaNode):
-            node.deleted = True
+            node.unlinked = True
+            node.deleted = not keep_row
             self.by_media.pop(node.media_id, None)
             if node.open_count == 0:
                 self.by_ino.pop(node.ino, None)

@@ -163,7 +163,7 @@ class VelocityOperations(pyfuse3.Operations):
         a.st_ctime_ns = node.ctime_ns
         if isinstance(node, MediaNode):
             a.st_mode = node.st_mode()
-            a.st_nlink = 1
+            a.st_nlink = 0 if node.unlinked else 1
             a.st_size = node.size
             a.st_blocks = blocks_of(node)
             a.st_atime_ns = node.atime_ns
@@ -485,8 +485,9 @@ class VelocityOperations(pyfuse3.Operations):
             raise fuse_error(errno.ENOENT)
         if not isinstance(child, MediaNode):
             raise fuse_error(errno.EISDIR)
+        open_now = child.open_count > 0
         self.grants.unlinked(child)
-        self.inodes.detach(child)
+        self.inodes.detach(child, keep_row=open_now)
         parent.mtime_ns = parent.ctime_ns = time.time_ns()
 
     async def rename(

@@ -52,7 +52,11 @@ class ChangeFeed:
             table = Media.__table__
             media = [
                 m
-                for m in s.execute(select(table).where(table.c.changed_ns >= since_ns))
+                for m in s.execute(
+                    select(table).where(
+                        table.c.changed_ns >= since_ns, table.c.unlinked_by.is_(None)
+                    )
+                )
                 if seen.get(m.id) != m.changed_ns
             ]
             xattrs: dict[str, dict[str, bytes]] = {}

@@ -1,6 +1,7 @@
 """Compare the catalog with the backing files, report each problem, repair on request.
 
-Checks: stale grants of dead processes; media whose bytes are missing; sizes
+Checks: stale grants of dead processes; media unlinked while open by processes
+that are gone (``MediaService.unlink_open``); media whose bytes are missing; sizes
 that disagree with the disk (of media no process holds a grant on); pools whose
 media hold more bytes on disk than their quota, whatever holds grants; backing
 files other users may open (not 0600, as ``set-volume`` of earlier versions left
@@ -67,6 +68,7 @@ class Fsck:
 
     def run(self, progress: Callable[[int], None] | None = None) -> Iterator[Problem]:
         yield from self._stale_grants()
+        yield from self._left_unlinked()
         live = self._media_with_grants()
         offline = self._offline_volumes()
         for name, reason in sorted(offline.items()):
@@ -102,6 +104,17 @@ class Fsck:
                 "stale-grant",
                 f"{len(grants)} grant(s) of dead process {holder}",
                 lambda: self.v.reclaim_dead_holders(),
+            )
+
+    def _left_unlinked(self) -> Iterator[Problem]:
+        """Media unlinked while open by a process that left the catalog without
+        closing them (the dead ones' are the stale grants' repair)."""
+        left = self.v.media.left_unlinked([])
+        if left:
+            yield Problem(
+                "unlinked-media",
+                f"{len(left)} media unlinked while open by processes that are gone",
+                lambda: self.v.media.remove_unlinked([]),
             )
 
     def _media_with_grants(self) -> set[str]:

@@ -369,21 +369,28 @@ class Ledger:
                 conn.execute(_DROP_GRANTS, {"gids": dropped})
             return [mid for mid in ids if mid not in media]
 
-    def hold(self, media_id: str, holder_id: str) -> None:
-        """Mark a media open for writing by this holder: a grant row, possibly of 0 bytes.
+    def hold(self, media_id: str, holder_id: str, chunk: int = 0) -> int:
+        """Mark a media open for writing by this holder: a grant row, with a first
+        grant of up to ``chunk`` bytes (as ``grant_size`` sizes one, so never more
+        than a quarter of the room left), as a create has. Returns the bytes
+        granted: a reopened file then grows by that much with no other transaction.
 
         Volume moves refuse media that has any grant. The media row is locked
-        first, the same lock a move's switch takes, so a writer cannot open the
-        file between a move's last check and its switch.
+        too, after its pool chain as a settle takes them, and it is the lock a
+        move's switch takes, so a writer cannot open the file between a move's
+        last check and its switch.
         """
         with self.db.statements() as conn:
             require_live_holder(conn, holder_id)
-            media = conn.execute(_MEDIA_LOCK, {"mid": media_id}).first()
-            if media is None:
-                raise NotFound(f"no media {media_id}")
+            media, chain = lock_media(conn, self.chains, media_id)
+            conn.execute(_MEDIA_LOCK, {"mid": media_id})
             mine = {"ids": [media_id], "holder": holder_id}
-            if conn.execute(_HOLDER_GRANTS, mine).first() is None:
-                add_grant(conn, media.pool_id, media_id, holder_id)
+            if conn.execute(_HOLDER_GRANTS, mine).first() is not None:
+                return 0
+            first = grant_size(0, max(0, room(chain)), chunk)
+            charge(conn, chain, first)
+            add_grant(conn, media.pool_id, media_id, holder_id, first)
+            return first
 
     def reserve_in_pool(
         self,
@@ -500,12 +507,16 @@ class Ledger:
         return lease
 
     def retire_holder(self, holder_id: str) -> None:
-        """Forget a holder on a clean shutdown, unless grants are left (a settlement
-        failed): then the row stays, so the grants are reclaimed like a dead one's."""
+        """Forget a holder on a clean shutdown, unless grants or media it unlinked while
+        open are left (a settlement or removal failed): then the row stays, so they
+        are reclaimed like a dead one's."""
         self._leases.pop(holder_id, None)
         with self.db.transaction() as s:
             holder = s.get(Holder, holder_id)
             left = s.execute(select(Grant.id).where(Grant.holder_id == holder_id)).first()
+            if left is None:
+                unlinked = select(Media.id).where(Media.unlinked_by == holder_id)
+                left = s.execute(unlinked).first()
             if holder is not None and left is None:
                 s.delete(holder)
 

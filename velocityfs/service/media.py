@@ -24,6 +24,7 @@ from velocityfs.service.chains import (
 )
 from velocityfs.service.ledger import (
     GRANTS,
+    HOLDERS,
     MEDIA,
     add_grant,
     grant_size,
@@ -80,6 +81,11 @@ _GRANTED = (
 _DROP_GRANTS = delete(GRANTS).where(GRANTS.c.media_id.in_(_IDS))
 _DROP_XATTRS = delete(XATTRS).where(XATTRS.c.owner_id.in_(_IDS))
 _DROP_MEDIA = delete(MEDIA).where(MEDIA.c.id.in_(_IDS))
+_UNLINK_OPEN = (
+    update(MEDIA)
+    .where(MEDIA.c.id == bindparam("mid"))
+    .values(name=bindparam("hidden"), unlinked_by=bindparam("holder"), ctime_ns=bindparam("now"))
+)
 
 
 def _new_row(
@@ -108,6 +114,7 @@ def _new_row(
         "mtime_ns": now,
         "ctime_ns": now,
         "changed_ns": now,
+        "unlinked_by": None,
     }
 
 
@@ -323,7 +330,10 @@ class MediaService:
                 now = time.time_ns()
                 charge(conn, chain, size, touch_ns=now)
                 row = {key: record[key] for key in _ROW_KEYS}
-                _INSERT_MEDIA.execute(conn, {**row, "name": name, "size": size, "changed_ns": now})
+                _INSERT_MEDIA.execute(
+                    conn,
+                    {**row, "name": name, "size": size, "changed_ns": now, "unlinked_by": None},
+                )
                 recovered += 1
         if waiting:
             log.warning(
@@ -388,7 +398,7 @@ class MediaService:
     def get(self, media_id: str) -> MediaView:
         with self.db.transaction() as s:
             media = s.get(Media, media_id)
-            if media is None:
+            if media is None or media.unlinked_by is not None:
                 raise NotFound(f"no media {media_id}")
             return self.view(media)
 
@@ -396,7 +406,11 @@ class MediaService:
         with self.db.transaction() as s:
             if s.get(Pool, pool_id) is None:
                 raise NotFound(f"no pool {pool_id}")
-            rows = s.execute(select(Media).where(Media.pool_id == pool_id).order_by(Media.name))
+            rows = s.execute(
+                select(Media)
+                .where(Media.pool_id == pool_id, Media.unlinked_by.is_(None))
+                .order_by(Media.name)
+            )
             return [self.view(m) for m in rows.scalars()]
 
     def all(self) -> list[MediaView]:
@@ -405,7 +419,8 @@ class MediaService:
             xattrs: dict[str, dict[str, bytes]] = {}
             for owner, name, value in s.execute(select(XAttr.owner_id, XAttr.name, XAttr.value)):
                 xattrs.setdefault(owner, {})[name] = value
-            rows = s.execute(select(MEDIA))  # Core rows: 20,000 ORM objects cost a second
+            # Core rows: 20,000 ORM objects cost a second.
+            rows = s.execute(select(MEDIA).where(MEDIA.c.unlinked_by.is_(None)))
             return [self.view(m, xattrs.get(m.id)) for m in rows]
 
     def remove(self, media_id: str) -> None:
@@ -427,6 +442,54 @@ class MediaService:
         for row in rows.values():
             self.backing.remove(row.volume, row.id)
         return list(rows)
+
+    def unlink_open(self, media_ids: Sequence[str], holder_id: str) -> list[str]:
+        """Unlink media that ``holder_id`` still has open, in one transaction.
+
+        The row stays, and so does what its pool is charged (size and grants), as
+        the kernel's filesystems keep an unlinked open file: it gets the name
+        ``/ID``, which no user can give, so its old name is free at once; it is
+        marked ``unlinked_by`` the holder, which hides it from every listing, and
+        a tombstone drops it from other mounts. The holder's last close removes
+        it (``remove_many``), or the holder's reclaim (``remove_unlinked``).
+        Returns the ids unlinked (media already gone are skipped).
+        """
+        with self.db.statements() as conn:
+            require_live_holder(conn, holder_id)
+            rows, _chains = lock_media_rows(conn, self.chains, media_ids)
+            if not rows:
+                return []
+            now = time.time_ns()
+            conn.execute(
+                _UNLINK_OPEN,
+                [
+                    {"mid": mid, "hidden": f"/{mid}", "holder": holder_id, "now": now}
+                    for mid in rows
+                ],
+            )
+            for pool_id in {row.pool_id for row in rows.values()}:
+                touch(conn, pool_id, now)
+            record_removals(conn, "media", list(rows))
+        return list(rows)
+
+    def left_unlinked(self, holder_ids: Sequence[str]) -> list[str]:
+        """Media unlinked while open by ``holder_ids`` or by a holder no longer in the
+        catalog: their last close will never come."""
+        gone = ~MEDIA.c.unlinked_by.in_(select(HOLDERS.c.id))
+        stale = select(MEDIA.c.id).where(
+            MEDIA.c.unlinked_by.is_not(None), MEDIA.c.unlinked_by.in_(holder_ids) | gone
+        )
+        with self.db.statements() as conn:
+            return list(conn.execute(stale).scalars())
+
+    def remove_unlinked(self, holder_ids: Sequence[str]) -> int:
+        """Remove the media ``left_unlinked`` finds (``holder_ids`` fenced: dead);
+        returns how many. Their room goes back and their backing files go now."""
+        ids = self.left_unlinked(holder_ids)
+        removed = 0
+        for start in range(0, len(ids), VOLUMES_BATCH):
+            removed += len(self.remove_many(ids[start : start + VOLUMES_BATCH]))
+        return removed
 
     def _drop(
         self, conn: Connection, media: Sequence[Any], chains: Mapping[str, list[Link]]

@@ -286,9 +286,11 @@ class PoolService:
             pool = chain[-1]
             ids = subtree_ids(s, pool_id)
             media_rows = s.execute(
-                select(Media.id, Media.volume).where(Media.pool_id.in_(ids))
+                select(Media.id, Media.volume, Media.unlinked_by).where(Media.pool_id.in_(ids))
             ).all()
-            if not recursive and (len(ids) > 1 or media_rows):
+            # Media unlinked while open has no name here: it keeps no pool from going.
+            listed = any(m.unlinked_by is None for m in media_rows)
+            if not recursive and (len(ids) > 1 or listed):
                 raise NotEmpty(f"pool '{pool.name}' is not empty")
             if pool.parent_id is not None:
                 charge(conn, chain[:-1], -pool.used_bytes, touch_ns=time.time_ns())
@@ -305,7 +307,7 @@ class PoolService:
             s.execute(delete(Media).where(Media.pool_id.in_(ids)))
             for pid in reversed(ids):
                 s.execute(delete(Pool).where(Pool.id == pid))
-        self._on_media_removed([(mid, vol) for mid, vol in media_rows])
+        self._on_media_removed([(mid, vol) for mid, vol, _holder in media_rows])
 
     def name_taken(self, pool_id: str, name: str) -> bool:
         with self.db.transaction() as s:
@@ -324,7 +326,9 @@ class PoolService:
     def media_count(self, pool_id: str) -> int:
         with self.db.transaction() as s:
             return s.execute(
-                select(func.count()).select_from(Media).where(Media.pool_id == pool_id)
+                select(func.count())
+                .select_from(Media)
+                .where(Media.pool_id == pool_id, Media.unlinked_by.is_(None))
             ).scalar_one()
 
 

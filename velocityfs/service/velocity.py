@@ -221,7 +221,10 @@ class Velocity:
         return reclaimed
 
     def _reclaim(self, holder_id: str) -> int:
-        """Settle a fenced holder's grants to the sizes of its files on disk."""
+        """Remove the media a fenced holder had unlinked while open (its last close
+        will never come), then settle its grants to the sizes of its files on disk.
+        The removal first: the holder's row, which marks them, goes last."""
+        self.media.remove_unlinked([holder_id])
         media_ids = [mid for _gid, mid in self.ledger.stale_grants([holder_id]) if mid]
         reclaimed = self.ledger.reclaim(holder_id, self._sizes_on_disk(media_ids))
         self.backing.discard_uploads(holder_id)
