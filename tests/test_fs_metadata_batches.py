@@ -188,5 +188,24 @@ def test_rsync_costs_few_transactions_per_file(catalog, catalog_url, mount, tmp_
     for path in source.rglob("*.bin"):
         target = copied / path.relative_to(source)
         assert target.read_bytes() == path.read_bytes()
-        assert os.stat(target).st_mtime_ns // 1_000_000_000 == path.stat().st_mtime_ns // 10**9
+        assert os.stat(target).st_mtime == path.stat().st_mtime
+    m.stop()
+
+
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
+def test_a_missing_name_is_looked_up_once_per_entry_timeout(catalog, mount):
+    catalog.setup({"tenants": 64})
+    m = mount("--attr-timeout", "30")  # names made elsewhere: test_api_mount
+    pool = m / "tenants"
+    assert pool.is_dir()  # looked up before the count
+    before = counts(m)
+    for _ in range(3):
+        assert not (pool / "final.img").exists()
+    (pool / ".final.img.tmp").write_bytes(b"x")
+    (pool / ".final.img.tmp").rename(pool / "final.img")
+    assert (pool / "final.img").read_bytes() == b"x"
+    after = counts(m)
+    # The missing name's three stats cost one lookup, the rename onto it none: three in
+    # all with the temporary name's before its create (five without negative entries).
+    assert after["lookup"] - before.get("lookup", 0) <= 3
     m.stop()

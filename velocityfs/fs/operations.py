@@ -183,9 +183,19 @@ class VelocityOperations(pyfuse3.Operations):
             return self.attrs(parent.parent or parent)
         child = parent.children.get(text)
         if child is None:
-            raise fuse_error(errno.ENOENT)
+            return self.absent()
         return self.attrs(child)
 
+    def absent(self) -> pyfuse3.EntryAttributes:
+        """ENOENT that the kernel keeps for the entry timeout (a negative entry, st_ino
+        0): rsync looks a file's name up three times before it creates it under
+        another and renames it there. A name that appears otherwise than by this
+        mount's own requests (another host, the in-process API) drops the kernel's
+        negative entry (``Mirror.appeared``)."""
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0
+        a.entry_timeout = self.attr_timeout
+        return a
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         """Nodes live as long as their catalog rows; the kernel's counts are not needed."""
