@@ -514,10 +514,11 @@ class Grants:
 # reclaim records the size from the backing file, and an unlinked media is still there
 # with its bytes (as an unsynced unlink on any disk).
 #
-# Creates are different: they are committed by the service's batch transaction
-# (MediaService.start_creates), whose statements ran under the lock before the create
-# was answered. This only sees that the batch commits BATCH_S after its first create
-# at the latest; any other catalog call commits it sooner.
+# Creates are different, and so are renames, chmod/chown/utimes and mkdir (``batched``):
+# they are units of the service's batch transaction (service.batch), whose statements
+# ran under the lock, journaled, before the request was answered. This only sees that
+# the batch commits BATCH_S after its first unit at the latest; any other catalog call
+# commits it sooner.
 
 BATCH_S = 0.05
 # Media per transaction at most: a backlog (a long catalog outage during an rm -rf)
