@@ -140,6 +140,7 @@ class Follower:
         if node is None:
             await self.mirror.make_room(parent, view.name)
             inodes.add_pool(parent, view, {})
+            await self.mirror.appeared(parent, view.name)
             return True
         if node.parent is not parent or node.name != view.name:
             await self.mirror.relocate(node, parent, view.name)
@@ -156,6 +157,7 @@ class Follower:
         if node is None:
             await self.mirror.make_room(parent, view.name)
             inodes.add_media(parent, view)
+            await self.mirror.appeared(parent, view.name)
             return True
         if node.parent is not parent or node.name != view.name:
             await self.mirror.relocate(node, parent, view.name)

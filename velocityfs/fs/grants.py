@@ -26,12 +26,13 @@ errno values. See docs/architecture.md, "The write state".
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
@@ -105,6 +106,58 @@ class Grants:
                 raise
         await self.commit()
         return await self.call(fn, *args, **kwargs)
+
+    async def batched(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``call`` for a catalog change that may join the batch (``fn`` takes
+        ``batched``): on SQLite a unit of it, journaled (``service.batch``), run on the
+        loop while the batch is open and committed with the next batch of closes; on
+        PostgreSQL a transaction of its own, as ``call``."""
+        await self.commit_unlinks()
+        done = await self._offload.in_batch(
+            self._v.media.open_batch, fn, *args, batched=True, **kwargs
+        )
+        self._releases.wake()
+        return done
+
+    async def batched_with_room(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``batched``, once more after committing pending closes if the room did not
+        suffice (as ``call_with_room``)."""
+        try:
+            return await self.batched(fn, *args, **kwargs)
+        except QuotaExceeded:
+            if not self._releases.pending:
+                raise
+        await self.commit()
+        return await self.batched(fn, *args, **kwargs)
+
+    async def set_attrs(self, node: MediaNode, changes: dict[str, int]) -> None:
+        """chmod, chown, utimes of a media, in the batch (``batched``).
+
+        A pending close settles the node's mtime with its batch: the new one is
+        the node's before the first await, so that settlement writes it whenever
+        it runs, and a batch already carrying the close (which read the old one)
+        is waited for first.
+        """
+        await self._releases.carried(node)
+        before = node.mtime_ns
+        node.mtime_ns = changes.get("mtime_ns", node.mtime_ns)
+        try:
+            with self.changing(node.media_id):
+                await self.batched(self._v.media.set_attrs, node.media_id, **changes)
+        except BaseException:
+            node.mtime_ns = before
+            raise
+
+    @contextlib.contextmanager
+    def changing(self, *object_ids: str | None) -> Iterator[None]:
+        """``LocalChanges.changing``, but a media whose close still waits for its batch
+        stays in flight after the block: until that commits, the follower must not
+        take the catalog's older size for it (a rename or chmod right after a close)."""
+        try:
+            with self._changes.changing(*object_ids):
+                yield
+        finally:
+            self._releases.keep_in_flight(*object_ids)
 
     async def create(
         self,
@@ -486,10 +539,11 @@ class Grants:
 # reclaim records the size from the backing file, and an unlinked media is still there
 # with its bytes (as an unsynced unlink on any disk).
 #
-# Creates are different: they are committed by the service's batch transaction
-# (MediaService.start_creates), whose statements ran under the lock before the create
-# was answered. This only sees that the batch commits BATCH_S after its first create
-# at the latest; any other catalog call commits it sooner.
+# Creates are different, and so are renames, chmod/chown/utimes and mkdir (``batched``):
+# they are units of the service's batch transaction (service.batch), whose statements
+# ran under the lock, journaled, before the request was answered. This only sees that
+# the batch commits BATCH_S after its first unit at the latest; any other catalog call
+# commits it sooner.
 
 BATCH_S = 0.05
 # Media per transaction at most: a backlog (a long catalog outage during an rm -rf)
@@ -572,6 +626,18 @@ class Releases:
     async def settle_first(self, node: MediaNode) -> None:
         if node.media_id in self._closed or node.media_id in self._committing:
             await self.commit()
+
+    def keep_in_flight(self, *object_ids: str | None) -> None:
+        """Mark in flight again those of ``object_ids`` whose close is still to commit."""
+        for object_id in object_ids:
+            if object_id in self._closed or object_id in self._committing:
+                self._changes.in_flight(object_id)
+
+    async def carried(self, node: MediaNode) -> None:
+        """Wait for the batch under way if it carries ``node``'s close."""
+        if node.media_id in self._committing:
+            async with self._lock:
+                pass
 
     async def reopen(self, node: MediaNode) -> None:
         """Drop ``node``'s close if it is still waiting (its next close settles it),

@@ -113,11 +113,13 @@ class Mirror:
         parent = self.inodes.by_pool.get(view.parent_id or "")
         if parent is not None and view.name not in parent.children:
             self.inodes.add_pool(parent, view, {})
+            await self.appeared(parent, view.name)
 
     async def media_added(self, view: MediaView) -> None:
         parent = self.inodes.by_pool.get(view.pool_id)
         if parent is not None and view.name not in parent.children:
             self.inodes.add_media(parent, view)
+            await self.appeared(parent, view.name)
 
     async def media_removed(self, media_id: str) -> None:
         node = self.inodes.by_media.get(media_id)
@@ -157,6 +159,7 @@ class Mirror:
         old_parent, old_name = node.parent, node.name
         await self.make_room(parent, name)
         self.inodes.move(node, parent, name)
+        await self.appeared(parent, name)
         if old_parent is not None:
             await self.forget_entry(old_parent, old_name, 0)
 
@@ -183,6 +186,11 @@ class Mirror:
         node.update(view)
         if self._kernel is not None and attributes_of(node) != shown:
             await self._kernel.forget_attributes(node.ino)
+
+    async def appeared(self, parent: DirNode, name: str) -> None:
+        """``name`` was added to ``parent`` (after the node is there): drop the negative
+        entry the kernel may keep for it (``VelocityOperations.absent``)."""
+        await self.forget_entry(parent, name, 0)
 
     async def forget_entry(self, parent: DirNode, name: str, ino: int) -> None:
         """Drop the kernel's cached entry ``name`` of ``parent`` (``ino``: the node gone)."""

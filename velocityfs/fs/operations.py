@@ -191,8 +191,19 @@ class VelocityOperations(pyfuse3.Operations):
             return self.attrs(parent.parent or parent)
         child = parent.children.get(text)
         if child is None:
-            raise fuse_error(errno.ENOENT)
+            return self.absent()
         return self.attrs(child)
+
+    def absent(self) -> pyfuse3.EntryAttributes:
+        """ENOENT that the kernel keeps for the entry timeout (a negative entry, st_ino
+        0): rsync looks a file's name up three times before it creates it under
+        another and renames it there. A name that appears otherwise than by this
+        mount's own requests (another host, the in-process API) drops the kernel's
+        negative entry (``Mirror.appeared``)."""
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0
+        a.entry_timeout = self.attr_timeout
+        return a
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         """Nodes live as long as their catalog rows; the kernel's counts are not needed."""
@@ -224,12 +235,11 @@ class VelocityOperations(pyfuse3.Operations):
         if fields.update_atime:
             changes["atime_ns"] = attr.st_atime_ns
         if isinstance(node, MediaNode):
-            await self.grants.settle_first(node)  # its batch would write the old mtime
             if fields.update_size:
+                await self.grants.settle_first(node)  # its batch would write the old size
                 await self.grants.resize(node, attr.st_size)
             if changes:
-                with self.changes.changing(node.media_id):
-                    await self.grants.call(self.v.media.set_attrs, node.media_id, **changes)
+                await self.grants.set_attrs(node, changes)
                 node.atime_ns = changes.get("atime_ns", node.atime_ns)
         else:
             assert isinstance(node, DirNode) and node.pool_id is not None
@@ -237,7 +247,7 @@ class VelocityOperations(pyfuse3.Operations):
                 raise fuse_error(errno.EISDIR)
             if changes:
                 with self.changes.changing(node.pool_id):
-                    await self.grants.call(self.v.pools.set_attrs, node.pool_id, **changes)
+                    await self.grants.batched(self.v.pools.set_attrs, node.pool_id, **changes)
             node.atime_ns = changes.get("atime_ns", node.atime_ns)
         node.mode = changes.get("mode", node.mode)
         node.uid = changes.get("uid", node.uid)
@@ -274,7 +284,7 @@ class VelocityOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self.pool_dir(parent_inode)
-        view = await self.grants.call(
+        view = await self.grants.batched(
             self.v.pools.create,
             parent.pool_id,
             os.fsdecode(name),
@@ -514,12 +524,13 @@ class VelocityOperations(pyfuse3.Operations):
             raise fuse_error(errno.EEXIST)
         if old_parent.is_root or new_parent.is_root:
             raise fuse_error(errno.EPERM)
-        with self.changes.changing(_object_id(node), _object_id(target)):
+        with self.grants.changing(_object_id(node), _object_id(target)):
             if isinstance(node, MediaNode):
                 if isinstance(target, DirNode):
                     raise fuse_error(errno.EISDIR)
-                await self.grants.settle_before_move(node)
-                await self.grants.call_with_room(
+                if new_parent is not old_parent:
+                    await self.grants.settle_before_move(node)
+                await self.grants.batched_with_room(
                     self.v.media.rename, node.media_id, new_parent.pool_id, new_name
                 )
             else:

@@ -287,7 +287,8 @@ class Fsck:
         for holder_id in journals(self.backing.top):
             if holder_id in dead or not self._holder_exists(holder_id):
                 records = read_journal(self.backing.top, holder_id)
-                waiting = sorted({r["volume"] for r in records}.intersection(offline))
+                volumes = {r["volume"] for r in records if "op" not in r}
+                waiting = sorted(volumes.intersection(offline))
                 if waiting:
                     yield Problem(
                         "unreplayed-journal",
@@ -308,6 +309,7 @@ class Fsck:
             record["id"]
             for holder_id in journals(self.backing.top)
             for record in read_journal(self.backing.top, holder_id)
+            if "op" not in record
         }
 
     @staticmethod

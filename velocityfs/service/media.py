@@ -12,7 +12,8 @@ from sqlalchemy import BindParameter, Connection, bindparam, delete, func, inser
 from velocityfs.catalog.database import Database
 from velocityfs.catalog.models import DEFAULT_VOLUME, Media, Pool, XAttr, new_id
 from velocityfs.catalog.prepared import Prepared
-from velocityfs.errors import Conflict, InvalidValue, NotFound
+from velocityfs.errors import Conflict, InvalidValue, NotFound, QuotaExceeded
+from velocityfs.service.batch import WriteBatch
 from velocityfs.service.chains import (
     Chains,
     Link,
@@ -34,11 +35,11 @@ from velocityfs.service.ledger import (
     require_live_holder,
 )
 from velocityfs.service.names import check_name
-from velocityfs.service.pools import name_taken
+from velocityfs.service.pools import POOLS, name_taken, recover_pool
 from velocityfs.service.removals import record_removals
 from velocityfs.service.views import Creator, MediaView, attr_changes, media_mode
 from velocityfs.store.backing import FILE_MODE, BackingStore
-from velocityfs.store.journal import CreateJournal, discard_journal, read_journal
+from velocityfs.store.journal import discard_journal, keep_journal, read_journal
 from velocityfs.store.spares import SpareFiles
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,11 @@ Placement = Callable[[Connection, str, str, Creator | None], str]
 
 # A journaled create's columns (``changed_ns`` is set anew when it is recovered).
 _ROW_KEYS = ("id", "pool_id", "volume", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns")
+# The columns a journaled attribute change may set again.
+_ATTR_KEYS = frozenset({"mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns"})
+_MEDIA_BY_ID = select(MEDIA.c.id, MEDIA.c.pool_id, MEDIA.c.name, MEDIA.c.size).where(
+    MEDIA.c.id == bindparam("mid")
+)
 _BY_NAME = select(MEDIA.c.id, MEDIA.c.pool_id, MEDIA.c.size, MEDIA.c.volume).where(
     MEDIA.c.pool_id == bindparam("pid"), MEDIA.c.name == bindparam("name")
 )
@@ -140,9 +146,8 @@ class MediaService:
         self.backing = backing
         self._placement = placement or (lambda _conn, _path, _name, _creator: DEFAULT_VOLUME)
         self._volume_offline = volume_offline
-        self._journal: CreateJournal | None = None
+        self.batch = WriteBatch(database, backing)
         self._spares: SpareFiles | None = None
-        database.on_batch_commit(self._batch_committed)
 
     # a writer process's creates ------------------------------------------------
     def start_creates(self, holder_id: str) -> None:
@@ -163,13 +168,7 @@ class MediaService:
         """
         self.end_creates()
         self._spares = SpareFiles(self.backing, holder_id)
-        if self.db.is_sqlite:
-            self._journal = CreateJournal(self.backing.top, holder_id)
-            self.db.batching = True
-
-    def _batch_committed(self) -> None:
-        if self._journal is not None:
-            self._journal.clear()
+        self.batch.start(holder_id)
 
     def commit_batch(self) -> None:
         """Commit the creates waiting in the batch (a no-op when none are)."""
@@ -182,7 +181,7 @@ class MediaService:
     def open_batch(self) -> bool:
         """Have a batch open for the next create, without waiting for SQLite's lock;
         False when it is another process's now, or this process does not batch."""
-        return self._journal is not None and self.db.open_batch()
+        return self.batch.open()
 
     def end_creates(self) -> None:
         """Commit the last batch, delete the journal (unless a batch was lost: the next
@@ -190,11 +189,7 @@ class MediaService:
         if self._spares is not None:
             self._spares.close()
             self._spares = None
-        if self._journal is not None:
-            self.db.commit_batch()
-            self.db.batching = False
-            self._journal.close(keep=self.db.batch_lost)
-            self._journal = None
+        self.batch.end()
 
     def view(self, media: Any, xattrs: dict[str, bytes] | None = None) -> MediaView:
         """A snapshot of a media row (an ORM object or a Core row with the same columns)."""
@@ -258,11 +253,9 @@ class MediaService:
         check_name(name, "file name")
         if size < 0:
             raise InvalidValue("size must not be negative")
-        batched = holder_id is not None and self._journal is not None and self.db.may_batch()
-        journal = self._journal if batched else None
         made: tuple[str, str] | None = None  # the backing file, while this create has one
         try:
-            with self.db.batched() if journal else self.db.statements() as conn:
+            with self.batch.unit(batched=holder_id is not None) as (conn, journal):
                 if holder_id is not None:
                     require_live_holder(conn, holder_id)
                 (chain,) = self.chains.lock(conn, pool_id)
@@ -296,55 +289,127 @@ class MediaService:
             raise
 
     def recover_journal(self, holder_id: str) -> int:
-        """Make media again of the creates a gone process journaled but never committed.
+        """Make again what a gone process journaled but never committed: its creates,
+        then, in their order, its renames, attribute changes and subpools.
 
-        Each comes back with its backing file's bytes, but never more than it
-        was granted nor more than its pool chain has room for now (the file is
+        Each create comes back with its backing file's bytes, but never more than
+        it was granted nor more than its pool chain has room for now (the file is
         cut back to that). It keeps its name, or is ``NAME.recovered-ID8`` when
         the name was taken since. One whose pool or backing file is gone is
-        dropped. Returns how many came back; the journal is deleted, unless
-        creates on an offline volume wait in it for their disk (their files
-        are there, out of sight: a later replay makes them media).
+        dropped. A rename and a subpool are recovered the same way (``_recover_rename``,
+        ``recover_pool``); attributes are set again where their media or pool is
+        still there. Returns how many creates came back; the journal is deleted,
+        unless creates on an offline volume wait in it for their disk (their files
+        are there, out of sight: a later replay makes them media), with what was
+        journaled after them about them.
         """
-        recovered = waiting = 0
+        recovered = others = 0
+        waiting: list[dict[str, Any]] = []
         for record in read_journal(self.backing.top, holder_id):
-            media_id, volume, pool_id = record["id"], record["volume"], record["pool_id"]
-            if self._volume_offline(volume) is not None:
-                waiting += 1
-                continue
-            on_disk = self.backing.size(volume, media_id)
-            with self.db.statements() as conn:
-                if on_disk is None or conn.execute(_EXISTS, {"mid": media_id}).first():
-                    continue
-                try:
-                    (chain,) = self.chains.lock(conn, pool_id)
-                except NotFound:
-                    self.backing.remove(volume, media_id)
-                    continue
-                name = record["name"]
-                if name_taken(conn, pool_id, name):
-                    name = f"{name}.recovered-{media_id[:8]}"
-                size = min(on_disk, record["granted"], room(chain))
-                if size < on_disk:
-                    os.truncate(self.backing.path(volume, media_id), size)
-                now = time.time_ns()
-                charge(conn, chain, size, touch_ns=now)
-                row = {key: record[key] for key in _ROW_KEYS}
-                _INSERT_MEDIA.execute(
-                    conn,
-                    {**row, "name": name, "size": size, "changed_ns": now, "unlinked_by": None},
-                )
-                recovered += 1
+            op = record.get("op")
+            offline = op is None and self._volume_offline(record["volume"]) is not None
+            if offline or any(w["id"] == record["id"] for w in waiting):
+                waiting.append(record)
+            elif op is None:
+                recovered += self._recover_create(record)
+            else:
+                others += self._recover_change(record)
+        if others:
+            log.warning(
+                "replayed %d rename(s), attribute change(s) and subpool(s) that process %s "
+                "journaled but never committed",
+                others,
+                holder_id,
+            )
         if waiting:
             log.warning(
                 "%d create(s) journaled by process %s are on offline volumes: "
                 "kept for when their disks are back",
-                waiting,
+                sum(1 for w in waiting if "op" not in w),
                 holder_id,
             )
+            keep_journal(self.backing.top, holder_id, waiting)
         else:
             discard_journal(self.backing.top, holder_id)
         return recovered
+
+    def _recover_create(self, record: dict[str, Any]) -> int:
+        media_id, volume, pool_id = record["id"], record["volume"], record["pool_id"]
+        on_disk = self.backing.size(volume, media_id)
+        with self.db.statements() as conn:
+            if on_disk is None or conn.execute(_EXISTS, {"mid": media_id}).first():
+                return 0
+            try:
+                (chain,) = self.chains.lock(conn, pool_id)
+            except NotFound:
+                self.backing.remove(volume, media_id)
+                return 0
+            name = record["name"]
+            if name_taken(conn, pool_id, name):
+                name = f"{name}.recovered-{media_id[:8]}"
+            size = min(on_disk, record["granted"], room(chain))
+            if size < on_disk:
+                os.truncate(self.backing.path(volume, media_id), size)
+            now = time.time_ns()
+            charge(conn, chain, size, touch_ns=now)
+            row = {key: record[key] for key in _ROW_KEYS}
+            _INSERT_MEDIA.execute(
+                conn, {**row, "name": name, "size": size, "changed_ns": now, "unlinked_by": None}
+            )
+            return 1
+
+    def _recover_change(self, record: dict[str, Any]) -> int:
+        """Replay one journaled change that is not a create; 1 if it took effect."""
+        op = record["op"]
+        try:
+            if op == "rename":
+                return self._recover_rename(record)
+            with self.db.statements() as conn:
+                if op == "pool":
+                    return int(recover_pool(conn, self.chains, record))
+                if op == "attrs":
+                    table = MEDIA if record["table"] == "media" else POOLS
+                    columns = {k: v for k, v in record.items() if k in _ATTR_KEYS}
+                    done = conn.execute(
+                        update(table).where(table.c.id == record["id"]).values(**columns)
+                    )
+                    return int(done.rowcount > 0)
+        except (QuotaExceeded, Conflict) as exc:
+            log.warning("a journaled %s of %s is not replayed: %s", op, record["id"], exc)
+            return 0
+        log.warning("a journal record of an unknown kind is skipped: %s", op)
+        return 0
+
+    def _recover_rename(self, record: dict[str, Any]) -> int:
+        """Move a media as a journaled rename did, unless it is gone (or already there).
+
+        The media it replaced goes whatever happens (its backing file went with
+        the rename); a name taken since by anything else makes the moved one
+        ``NAME.recovered-ID8``. A move that no longer fits its new pool's quota
+        is not made.
+        """
+        pool_id, name = record["pool_id"], record["name"]
+        with self.db.statements() as conn:
+            replaced = conn.execute(_BY_NAME, {"pid": pool_id, "name": name}).first()
+            if replaced is not None and replaced.id == record["replaced"]:
+                rows, chains = lock_media_rows(conn, self.chains, [replaced.id])
+                self._drop(conn, list(rows.values()), chains)
+        if replaced is not None and replaced.id == record["replaced"]:
+            self.backing.remove(replaced.volume, replaced.id)
+        with self.db.statements() as conn:
+            media = conn.execute(_MEDIA_BY_ID, {"mid": record["id"]}).first()
+            if media is None:
+                return 0
+            try:
+                old_chain, new_chain = self.chains.lock(conn, media.pool_id, pool_id)
+            except NotFound:
+                return 0
+            if media.pool_id == pool_id and media.name == name:
+                return 0
+            if name_taken(conn, pool_id, name):
+                name = f"{name}.recovered-{media.id[:8]}"
+            self._move(conn, media, (old_chain, new_chain), name, None)
+        return 1
 
     def adopt_upload(
         self,
@@ -509,16 +574,20 @@ class MediaService:
         record_removals(conn, "media", params["ids"])
         conn.execute(_DROP_MEDIA, params)
 
-    def rename(self, media_id: str, pool_id: str, name: str) -> str | None:
+    def rename(
+        self, media_id: str, pool_id: str, name: str, *, batched: bool = False
+    ) -> str | None:
         """Rename or move media, replacing a media of the target name.
 
         Catalog-only: the backing file is named by id. Across pools the size
         (and any outstanding grant) moves to the target chain and must fit; a
         refusal changes nothing. Returns the id of the replaced media, if any.
+        ``batched``: a unit of the process's batch, journaled, when it batches
+        (``WriteBatch``); the replaced media's backing file goes at once even so,
+        since a replay of the journal removes its row in any case.
         """
         check_name(name, "file name")
-        replaced = None
-        with self.db.statements() as conn:
+        with self.batch.unit(batched=batched) as (conn, journal):
             media = media_row(conn, media_id)
             while True:
                 # Both chains together, root-first; the row is read again under them
@@ -534,24 +603,42 @@ class MediaService:
                 return None
             if replaced is None and name_taken(conn, pool_id, name):
                 raise Conflict(f"'{name}' is a pool in '{new_chain[-1].name}'")
-            if replaced is not None:
-                self._drop(conn, [replaced], {pool_id: new_chain})
-            now = time.time_ns()
-            if media.pool_id != pool_id:
-                total = media.size + granted(conn, media.id)
-                charge(conn, old_chain, -total, touch_ns=now)
-                charge(conn, new_chain, total, touch_ns=now)
-                conn.execute(_MOVE_GRANTS, {"mid": media.id, "new_pool": pool_id})
-            else:
-                touch(conn, pool_id, now)
-            conn.execute(
-                _MOVE, {"mid": media.id, "new_pool": pool_id, "new_name": name, "now": now}
-            )
+            self._move(conn, media, (old_chain, new_chain), name, replaced)
+            if journal is not None:
+                replaced_id = replaced.id if replaced is not None else None
+                journal.append(
+                    {"op": "rename", "id": media.id, "pool_id": pool_id, "name": name,
+                     "replaced": replaced_id}
+                )  # fmt: skip
+        if replaced is None:
+            return None
+        self.backing.remove(replaced.volume, replaced.id)
+        return str(replaced.id)
+
+    def _move(
+        self,
+        conn: Connection,
+        media: Any,
+        chains: tuple[list[Link], list[Link]],
+        name: str,
+        replaced: Any,
+    ) -> None:
+        """Move a media row (id, pool_id, size) to the last pool of the second of its
+        locked ``chains`` (old, new) under ``name``, dropping the ``replaced`` row there;
+        across pools its size and grants are charged to the new chain."""
+        old_chain, new_chain = chains
+        pool_id = new_chain[-1].id
         if replaced is not None:
-            replaced_id: str = replaced.id
-            self.backing.remove(replaced.volume, replaced_id)
-            return replaced_id
-        return None
+            self._drop(conn, [replaced], {pool_id: new_chain})
+        now = time.time_ns()
+        if media.pool_id != pool_id:
+            total = media.size + granted(conn, media.id)
+            charge(conn, old_chain, -total, touch_ns=now)
+            charge(conn, new_chain, total, touch_ns=now)
+            conn.execute(_MOVE_GRANTS, {"mid": media.id, "new_pool": pool_id})
+        else:
+            touch(conn, pool_id, now)
+        conn.execute(_MOVE, {"mid": media.id, "new_pool": pool_id, "new_name": name, "now": now})
 
     def set_attrs(
         self,
@@ -562,8 +649,9 @@ class MediaService:
         gid: int | None = None,
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
+        batched: bool = False,
     ) -> None:
-        """Metadata that ``cp -a`` and ``rsync -a`` restore."""
+        """Metadata that ``cp -a`` and ``rsync -a`` restore; ``batched`` as for ``rename``."""
         columns = attr_changes(
             mode=None if mode is None else media_mode(mode),
             uid=uid,
@@ -571,10 +659,12 @@ class MediaService:
             atime_ns=atime_ns,
             mtime_ns=mtime_ns,
         )
-        with self.db.statements() as conn:
+        with self.batch.unit(batched=batched) as (conn, journal):
             done = conn.execute(update(MEDIA).where(MEDIA.c.id == media_id).values(**columns))
             if done.rowcount == 0:
                 raise NotFound(f"no media {media_id}")
+            if journal is not None:
+                journal.append({"op": "attrs", "table": "media", "id": media_id, **columns})
 
     def delete_orphan_files(self, removed: list[tuple[str, str]]) -> None:
         """Delete the backing files of media whose rows are already gone."""

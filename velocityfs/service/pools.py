@@ -1,14 +1,16 @@
 """Pool rules: the tree, names, quotas, removal."""
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, select, union_all
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, union_all, update
 from sqlalchemy.orm import Session
 
 from velocityfs.catalog.database import Database
-from velocityfs.catalog.models import Grant, Media, Pool, Share, XAttr
+from velocityfs.catalog.models import Grant, Media, Pool, Share, XAttr, new_id
 from velocityfs.catalog.prepared import Prepared
 from velocityfs.errors import (
     Conflict,
@@ -18,10 +20,17 @@ from velocityfs.errors import (
     QuotaAboveAncestor,
     QuotaBelowUsage,
 )
+from velocityfs.service.batch import WriteBatch
 from velocityfs.service.chains import Chains, Link, charge, room, touch
 from velocityfs.service.names import check_name
 from velocityfs.service.removals import record_removals
-from velocityfs.service.views import PoolView, apply_attrs
+from velocityfs.service.views import PoolView, attr_changes
+
+POOLS = Pool.__table__
+_INSERT_POOL = Prepared(insert(POOLS))
+_POOL_EXISTS = select(POOLS.c.id).where(POOLS.c.id == bindparam("pid"))
+# A journaled subpool's columns (``changed_ns`` is set anew when it is recovered).
+_POOL_KEYS = ("id", "parent_id", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns")
 
 MIB = 1 << 20
 # The most bytes a quota or a size may be: what the catalog's BIGINT columns hold.
@@ -97,18 +106,43 @@ def subtree_ids(session: Session, pool_id: str) -> list[str]:
     return ids
 
 
+def recover_pool(conn: Connection, chains: Chains, record: dict[str, Any]) -> bool:
+    """Make a journaled subpool again (``MediaService.recover_journal``): under its
+    name, or ``NAME.recovered-ID8`` when that was taken since; not if it exists or its
+    parent is gone. True when it was made."""
+    if conn.execute(_POOL_EXISTS, {"pid": record["id"]}).first() is not None:
+        return False
+    try:
+        chains.lock(conn, record["parent_id"])
+    except NotFound:
+        return False
+    name = record["name"]
+    if name_taken(conn, record["parent_id"], name):
+        name = f"{name}.recovered-{record['id'][:8]}"
+    now = time.time_ns()
+    touch(conn, record["parent_id"], now)
+    row = {key: record[key] for key in _POOL_KEYS}
+    _INSERT_POOL.execute(
+        conn, {**row, "name": name, "quota_bytes": None, "used_bytes": 0, "changed_ns": now}
+    )
+    return True
+
+
 class PoolService:
-    """Pool operations; each public method is one transaction."""
+    """Pool operations; each public method is one transaction (or, ``batched``, one
+    unit of the process's batch: see ``service.batch``)."""
 
     def __init__(
         self,
         database: Database,
         chains: Chains,
         on_media_removed: Callable[[list[tuple[str, str]]], None],
+        batch: WriteBatch,
     ) -> None:
         self.db = database
         self.chains = chains
         self._on_media_removed = on_media_removed
+        self._batch = batch
 
     def create(
         self,
@@ -119,28 +153,27 @@ class PoolService:
         mode: int = 0o755,
         uid: int = 0,
         gid: int = 0,
+        batched: bool = False,
     ) -> PoolView:
-        """Create a pool; a root pool needs a quota, a subpool inherits its parent's limit."""
+        """Create a pool; a root pool needs a quota, a subpool inherits its parent's limit.
+        A subpool may be ``batched``: journaled, it comes back after a crash as a
+        create does (``recover_pool``)."""
         check_name(name, "pool name")
+        if parent_id is not None:
+            return self._create_subpool(
+                parent_id, name, quota_bytes, mode=mode, uid=uid, gid=gid, batched=batched
+            )
         now = time.time_ns()
         with self.db.transaction() as s:
-            if parent_id is None:
-                if quota_bytes is None:
-                    raise InvalidValue("a root pool needs a quota")
-                if quota_bytes < 0:
-                    raise InvalidValue("quota must not be negative")
-                taken = s.execute(
-                    select(Pool.id).where(Pool.parent_id.is_(None), Pool.name == name)
-                ).first()
-                if taken is not None:
-                    raise Conflict(f"a root pool named '{name}' exists")
-            else:
-                conn = s.connection()
-                (chain,) = self.chains.lock(conn, parent_id)
-                check_quota_fits(chain, quota_bytes)
-                if name_taken(conn, parent_id, name):
-                    raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
-                touch(conn, parent_id, now)
+            if quota_bytes is None:
+                raise InvalidValue("a root pool needs a quota")
+            if quota_bytes < 0:
+                raise InvalidValue("quota must not be negative")
+            taken = s.execute(
+                select(Pool.id).where(Pool.parent_id.is_(None), Pool.name == name)
+            ).first()
+            if taken is not None:
+                raise Conflict(f"a root pool named '{name}' exists")
             pool = Pool(
                 parent_id=parent_id,
                 name=name,
@@ -156,6 +189,43 @@ class PoolService:
             s.add(pool)
             s.flush()
             return pool_view(pool)
+
+    def _create_subpool(
+        self,
+        parent_id: str,
+        name: str,
+        quota_bytes: int | None,
+        *,
+        mode: int,
+        uid: int,
+        gid: int,
+        batched: bool,
+    ) -> PoolView:
+        now = time.time_ns()
+        view = PoolView(
+            id=new_id(),
+            parent_id=parent_id,
+            name=name,
+            quota_bytes=quota_bytes,
+            used_bytes=0,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            atime_ns=now,
+            mtime_ns=now,
+            ctime_ns=now,
+        )
+        row = dataclasses.asdict(view)
+        with self._batch.unit(batched=batched) as (conn, journal):
+            (chain,) = self.chains.lock(conn, parent_id)
+            check_quota_fits(chain, quota_bytes)
+            if name_taken(conn, parent_id, name):
+                raise Conflict(f"'{name}' already exists in pool '{chain[-1].name}'")
+            touch(conn, parent_id, now)
+            _INSERT_POOL.execute(conn, {**row, "changed_ns": now})
+            if journal is not None:
+                journal.append({"op": "pool", **row})
+        return view
 
     def get(self, pool_id: str) -> PoolView:
         with self.db.transaction() as s:
@@ -231,14 +301,17 @@ class PoolService:
         gid: int | None = None,
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
-    ) -> PoolView:
-        """Directory metadata that ``cp -a`` and ``rsync -a`` restore."""
-        with self.db.transaction() as s:
-            pool = s.get(Pool, pool_id)
-            if pool is None:
+        batched: bool = False,
+    ) -> None:
+        """Directory metadata that ``cp -a`` and ``rsync -a`` restore; ``batched`` as for
+        ``create``."""
+        columns = attr_changes(mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
+        with self._batch.unit(batched=batched) as (conn, journal):
+            done = conn.execute(update(POOLS).where(POOLS.c.id == pool_id).values(**columns))
+            if done.rowcount == 0:
                 raise NotFound(f"no pool {pool_id}")
-            apply_attrs(pool, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
-            return pool_view(pool)
+            if journal is not None:
+                journal.append({"op": "attrs", "table": "pools", "id": pool_id, **columns})
 
     def rename(self, pool_id: str, new_parent_id: str, new_name: str) -> PoolView:
         """Rename or move a subpool; its usage moves with it and must fit the new chain."""

@@ -72,7 +72,10 @@ class Velocity:
             volume_offline=self.volumes.presence.offline_reason,
         )
         self.pools = PoolService(
-            self.db, self.chains, on_media_removed=self.media.delete_orphan_files
+            self.db,
+            self.chains,
+            on_media_removed=self.media.delete_orphan_files,
+            batch=self.media.batch,
         )
         self.accounts = AccountService(self.db, self.chains, authkey_lifetime_s)
         self.xattrs = XAttrs(self.db)

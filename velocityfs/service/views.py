@@ -7,7 +7,6 @@ reach back into SQL.
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 
 @dataclass
@@ -99,9 +98,3 @@ def attr_changes(**changes: int | None) -> dict[str, int]:
     }
     columns["ctime_ns"] = time.time_ns()
     return columns
-
-
-def apply_attrs(row: Any, **changes: int | None) -> None:
-    """Set metadata on a pool or media row, as ``attr_changes`` says."""
-    for key, value in attr_changes(**changes).items():
-        setattr(row, key, value)

@@ -1,11 +1,13 @@
-"""The create journal: media a process has created but not yet committed.
+"""The create journal: what a process has changed but not yet committed.
 
-A mount on SQLite commits its creates in batches (see ``Database.batched``)
-and answers each create before its batch commits. Each create is appended
-here first, one line of JSON, so a process killed before the commit loses
-none of them: the next start (or ``fsck``) replays the journal of a holder
-that is gone, and its backing files become media again. The journal is
-emptied after every batch commit, so it holds only the creates in flight.
+A mount on SQLite commits its creates, renames, attribute changes and new
+subpools in batches (see ``Database.batched`` and ``service.batch``) and
+answers each before its batch commits. Each is appended here first, one line
+of JSON (a create has no ``op``; the others name theirs), so a process killed
+before the commit loses none of them: the next start (or ``fsck``) replays
+the journal of a holder that is gone, in order, and its backing files become
+media again. The journal is emptied after every batch commit, so it holds
+only the changes in flight.
 
 Like SQLite's own log with ``synchronous=NORMAL``, it survives the death of
 the process (it is in the page cache) but not a power cut: a file that must
@@ -60,7 +62,7 @@ def journals(top: Path) -> list[str]:
     directory = journal_dir(top)
     if not directory.is_dir():
         return []
-    return sorted(p.name for p in directory.iterdir() if p.is_file())
+    return sorted(p.name for p in directory.iterdir() if p.is_file() and p.name[0] != ".")
 
 
 def read_journal(top: Path, holder_id: str) -> list[dict[str, Any]]:
@@ -76,6 +78,17 @@ def read_journal(top: Path, holder_id: str) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return records
+
+
+def keep_journal(top: Path, holder_id: str, records: list[dict[str, Any]]) -> None:
+    """Replace a gone process's journal with the records that must wait (creates on an
+    offline volume), written whole before it takes the old one's place."""
+    path = journal_dir(top) / holder_id
+    spare = path.with_name(f".{holder_id}.tmp")
+    spare.write_bytes(
+        b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
+    )
+    os.replace(spare, path)
 
 
 def discard_journal(top: Path, holder_id: str) -> None:
