@@ -161,6 +161,45 @@ def test_the_room_comes_back_when_the_last_descriptor_closes(catalog, mount):
     assert_usage_consistent(catalog.v)
 
 
+def _replace_open(directory: Path) -> list[object]:
+    """Open a file, rename another over it, use the first through its descriptor."""
+    path, incoming = directory / "disk.img", directory / "disk.img.new"
+    seen: list[object] = []
+    path.write_bytes(b"old" * 1000)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        incoming.write_bytes(b"new\n")
+        os.rename(incoming, path)
+        _commit(directory)
+        seen.append(sorted(os.listdir(directory)))
+        seen.append(path.read_bytes())
+        seen.append(_state(fd))
+        os.pwrite(fd, b"g" * (2 * MIB), MIB)  # grows it past any first grant
+        os.fchmod(fd, 0o600)
+        seen.append(_state(fd))
+    finally:
+        os.close(fd)
+    seen.append(sorted(os.listdir(directory)))
+    seen.append(path.read_bytes())
+    return seen
+
+
+def test_a_file_replaced_by_rename_while_open_lives_on_until_its_last_close(
+    catalog, mount, tmp_path
+):
+    catalog.setup({"p": 64})
+    m = mount()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    expected = _replace_open(plain)
+    assert expected[2]["nlink"] == 0  # the kernel's answer, as the mount must give it
+    assert _replace_open(m / "p") == expected
+    _commit(m / "p")
+    assert used(m / "p") == len(b"new\n")
+    assert _media_rows(catalog) == 1
+    assert_usage_consistent(catalog.v)
+
+
 def pool_show_media(catalog) -> int:
     """Media the catalog lists in pool ``p`` (what ``pool show`` counts)."""
     return int(catalog.pool("p")["media"])

@@ -524,6 +524,8 @@ class VelocityOperations(pyfuse3.Operations):
             raise fuse_error(errno.EEXIST)
         if old_parent.is_root or new_parent.is_root:
             raise fuse_error(errno.EPERM)
+        # A replaced file still open here lives on unlinked, as after unlink.
+        kept = isinstance(target, MediaNode) and target.open_count > 0
         with self.grants.changing(_object_id(node), _object_id(target)):
             if isinstance(node, MediaNode):
                 if isinstance(target, DirNode):
@@ -531,7 +533,11 @@ class VelocityOperations(pyfuse3.Operations):
                 if new_parent is not old_parent:
                     await self.grants.settle_before_move(node)
                 await self.grants.batched_with_room(
-                    self.v.media.rename, node.media_id, new_parent.pool_id, new_name
+                    self.v.media.rename,
+                    node.media_id,
+                    new_parent.pool_id,
+                    new_name,
+                    keep_replaced_for=self.grants.holder_id if kept else None,
                 )
             else:
                 assert isinstance(node, DirNode) and node.pool_id is not None
@@ -546,7 +552,7 @@ class VelocityOperations(pyfuse3.Operations):
                     self.v.pools.rename, node.pool_id, new_parent.pool_id, new_name
                 )
             if target is not None:
-                self.inodes.detach(target)
+                self.inodes.detach(target, keep_row=kept)
             self.inodes.move(node, new_parent, new_name)
         now = time.time_ns()
         old_parent.mtime_ns = old_parent.ctime_ns = now

@@ -575,7 +575,13 @@ class MediaService:
         conn.execute(_DROP_MEDIA, params)
 
     def rename(
-        self, media_id: str, pool_id: str, name: str, *, batched: bool = False
+        self,
+        media_id: str,
+        pool_id: str,
+        name: str,
+        *,
+        batched: bool = False,
+        keep_replaced_for: str | None = None,
     ) -> str | None:
         """Rename or move media, replacing a media of the target name.
 
@@ -585,6 +591,9 @@ class MediaService:
         ``batched``: a unit of the process's batch, journaled, when it batches
         (``WriteBatch``); the replaced media's backing file goes at once even so,
         since a replay of the journal removes its row in any case.
+        ``keep_replaced_for``: the holder that still has the replaced media open;
+        it is then unlinked as ``unlink_open`` does (kept, charged and hidden until
+        that holder's last close), not removed.
         """
         check_name(name, "file name")
         with self.batch.unit(batched=batched) as (conn, journal):
@@ -603,6 +612,11 @@ class MediaService:
                 return None
             if replaced is None and name_taken(conn, pool_id, name):
                 raise Conflict(f"'{name}' is a pool in '{new_chain[-1].name}'")
+            if replaced is not None and keep_replaced_for is not None:
+                self._unlink_replaced(conn, replaced.id, keep_replaced_for)
+                replaced_kept, replaced = replaced, None
+            else:
+                replaced_kept = None
             self._move(conn, media, (old_chain, new_chain), name, replaced)
             if journal is not None:
                 replaced_id = replaced.id if replaced is not None else None
@@ -610,10 +624,19 @@ class MediaService:
                     {"op": "rename", "id": media.id, "pool_id": pool_id, "name": name,
                      "replaced": replaced_id}
                 )  # fmt: skip
+        if replaced_kept is not None:
+            return str(replaced_kept.id)
         if replaced is None:
             return None
         self.backing.remove(replaced.volume, replaced.id)
         return str(replaced.id)
+
+    def _unlink_replaced(self, conn: Connection, media_id: str, holder_id: str) -> None:
+        """``unlink_open`` of the media a rename replaces, in the rename's transaction."""
+        require_live_holder(conn, holder_id)
+        params = {"mid": media_id, "hidden": f"/{media_id}", "holder": holder_id}
+        conn.execute(_UNLINK_OPEN, {**params, "now": time.time_ns()})
+        record_removals(conn, "media", [media_id])
 
     def _move(
         self,
