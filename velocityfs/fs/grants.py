@@ -130,8 +130,9 @@ class Grants:
         await self.commit()
         return await self.batched(fn, *args, **kwargs)
 
-    async def set_attrs(self, node: MediaNode, changes: dict[str, int]) -> None:
-        """chmod, chown, utimes of a media, in the batch (``batched``).
+    async def set_attrs(self, node: MediaNode, changes: dict[str, int]) -> dict[str, int]:
+        """chmod, chown, utimes of a media, in the batch (``batched``); returns the
+        columns as the service stored them.
 
         A pending close settles the node's mtime with its batch: the new one is
         the node's before the first await, so that settlement writes it whenever
@@ -143,7 +144,7 @@ class Grants:
         node.mtime_ns = changes.get("mtime_ns", node.mtime_ns)
         try:
             with self.changing(node.media_id):
-                await self.batched(self._v.media.set_attrs, node.media_id, **changes)
+                return await self.batched(self._v.media.set_attrs, node.media_id, **changes)
         except BaseException:
             node.mtime_ns = before
             raise

@@ -33,7 +33,7 @@ from velocityfs.service.metrics import Metrics
 from velocityfs.service.names import MAX_NAME_BYTES
 from velocityfs.service.pools import mib_to_bytes
 from velocityfs.service.velocity import Velocity
-from velocityfs.service.views import Creator, media_mode
+from velocityfs.service.views import Creator
 from velocityfs.store.space import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -224,8 +224,7 @@ class VelocityOperations(pyfuse3.Operations):
             raise fuse_error(errno.EPERM)
         changes: dict[str, int] = {}
         if fields.update_mode:
-            mode = attr.st_mode & 0o7777
-            changes["mode"] = media_mode(mode) if isinstance(node, MediaNode) else mode
+            changes["mode"] = attr.st_mode & 0o7777
         if fields.update_uid:
             changes["uid"] = attr.st_uid
         if fields.update_gid:
@@ -239,7 +238,7 @@ class VelocityOperations(pyfuse3.Operations):
                 await self.grants.settle_first(node)  # its batch would write the old size
                 await self.grants.resize(node, attr.st_size)
             if changes:
-                await self.grants.set_attrs(node, changes)
+                changes.update(await self.grants.set_attrs(node, changes))
                 node.atime_ns = changes.get("atime_ns", node.atime_ns)
         else:
             assert isinstance(node, DirNode) and node.pool_id is not None

@@ -673,8 +673,9 @@ class MediaService:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
         batched: bool = False,
-    ) -> None:
-        """Metadata that ``cp -a`` and ``rsync -a`` restore; ``batched`` as for ``rename``."""
+    ) -> dict[str, int]:
+        """Metadata that ``cp -a`` and ``rsync -a`` restore; ``batched`` as for ``rename``.
+        Returns the columns as stored (a media's mode loses setuid and setgid)."""
         columns = attr_changes(
             mode=None if mode is None else media_mode(mode),
             uid=uid,
@@ -688,6 +689,7 @@ class MediaService:
                 raise NotFound(f"no media {media_id}")
             if journal is not None:
                 journal.append({"op": "attrs", "table": "media", "id": media_id, **columns})
+        return columns
 
     def delete_orphan_files(self, removed: list[tuple[str, str]]) -> None:
         """Delete the backing files of media whose rows are already gone."""
