@@ -8,7 +8,7 @@ import click
 from velocityfs.cli.context import Context, pass_ctx, service_errors
 from velocityfs.config import ALWAYS_CHECKED
 from velocityfs.errors import Conflict, InvalidValue
-from velocityfs.fs.mounts import mount_at
+from velocityfs.mounts import mount_at
 from velocityfs.service.accounts import PERMISSIONS
 from velocityfs.service.pools import MIB
 

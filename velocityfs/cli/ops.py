@@ -11,7 +11,7 @@ from sqlalchemy import text
 from velocityfs.cli.context import Context, pass_ctx, service_errors
 from velocityfs.cli.output import emit_json, emit_table, mib
 from velocityfs.cli.storage import emit_volumes
-from velocityfs.fs.mounts import velocityfs_mounts
+from velocityfs.mounts import velocityfs_mounts
 from velocityfs.service.fsck import Fsck, Problem
 
 

@@ -13,7 +13,7 @@ import trio
 
 from velocityfs.fs.filesystem import Filesystem
 from velocityfs.fs.mirror import KernelCache, Mirror
-from velocityfs.fs.mounts import fsname
+from velocityfs.mounts import fsname
 from velocityfs.service.metrics import Metrics
 from velocityfs.service.velocity import Velocity
 from velocityfs.threads import Offload
@@ -46,7 +46,7 @@ def mount_options(*, allow_other: bool) -> set[str]:
 
     The daemon checks no mode, owner or group itself: with ``allow_other`` and
     without the kernel's check, every local user could read, write and delete
-    every VM disk on the mount. The source names this process (``fs.mounts``), so
+    every VM disk on the mount. The source names this process (``velocityfs.mounts``), so
     ``velocityfs status`` can tell one catalog's mounts from another's.
     """
     options = {f"fsname={fsname(os.getpid())}", "subtype=velocityfs", "default_permissions"}
